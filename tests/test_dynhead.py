@@ -1,0 +1,295 @@
+"""dynhead.py against independent references: Eq. 3's formula, hand-counted MACs,
+torch's FLOP counter, the gate-free fixed head, and a dense masked GroupNorm."""
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import dynhead
+from dynhead import DynamicHead, gate_activation
+
+C, GROUPS = 16, 4
+SIZES = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]  # P3..P7 of a 128x160 image
+
+
+def pyramid(batch=2, channels=C, sizes=SIZES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, channels, h, w, generator=g) for h, w in sizes]
+
+
+def head(**kw):
+    kw = {"channels": C, "depth": 2, "gn_groups": GROUPS, **kw}
+    return DynamicHead(**kw)
+
+
+# -- Eq. 3 -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 1.5, 2.0])
+def test_gate_activation_matches_eq3(tau):
+    v = torch.linspace(-6, 6, 2401, dtype=torch.float64)
+    expected = [max(0.0, (math.tanh(x - tau) + math.tanh(tau)) / (1 + math.tanh(tau))) for x in v.tolist()]
+    got = gate_activation(v, tau)
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+    assert got.min() >= 0 and got.max() <= 1
+
+
+def test_tau_zero_is_restricted_tanh():
+    v = torch.linspace(-5, 5, 1001)
+    assert torch.equal(gate_activation(v, 0.0), torch.tanh(v).clamp_min(0))
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0, 1.5])
+def test_slope_at_zero_and_zero_gradient_below(tau):
+    v = torch.tensor([1e-7, 0.0, -1e-7, -0.5, -3.0], dtype=torch.float64, requires_grad=True)
+    gate_activation(v, tau).sum().backward()
+    slope = (1 - math.tanh(tau) ** 2) / (1 + math.tanh(tau))
+    assert v.grad[0].item() == pytest.approx(slope, rel=1e-5)
+    assert torch.equal(v.grad[1:], torch.zeros(4, dtype=torch.float64))
+    if tau == 1.5:
+        assert slope == pytest.approx(0.0949, abs=1e-4)  # DESIGN §3
+
+
+# -- init and gradients ---------------------------------------------------------
+
+@pytest.mark.parametrize("activation,tau", [("proposed", 1.5), ("proposed", 0.5), ("restricted_tanh", 0.0)])
+def test_gate_bias_gives_0_99(activation, tau):
+    b = dynhead.gate_init_bias(activation, tau)
+    assert gate_activation(torch.tensor(b, dtype=torch.float64), tau).item() == pytest.approx(0.99, abs=1e-9)
+    if activation == "proposed" and tau == 1.5:
+        assert b == pytest.approx(3.822, abs=1e-3)  # DESIGN §3
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_gates_start_near_0_99(coarse):
+    # The bias puts every gate at 0.99; the N(0, 0.01) gate weights over a 3x3xC
+    # field spread it a little (std ~0.01 * sqrt(9C) * |x| before the activation).
+    h = head(depth=3, coarse=coarse)
+    h(pyramid())
+    gates = torch.cat([g.flatten() for step in h.gates for levels in step.values()
+                       for g in levels if g is not None])
+    assert gates.mean().item() == pytest.approx(0.99, abs=0.01)
+    assert gates.min().item() > 0.95 and gates.max().item() < 1.0
+
+
+@pytest.mark.parametrize("kw", [{}, {"mode": "fixed"}, {"activation": "softmax"}, {"coarse": True},
+                                {"paths": ("depth",)}, {"paths": ("scale",)}])
+def test_gradients_reach_every_parameter(kw):
+    h = head(**kw)
+    for r in h.routers:  # alpha starts at 0, which would zero the scale paths' gradients
+        if hasattr(r, "alpha"):
+            torch.nn.init.constant_(r.alpha, 0.5)
+    out = h(pyramid())
+    (sum((o ** 2).mean() for o in out) + h.cost.soft.mean()).backward()
+    for name, p in h.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_every_parameter_in_graph_at_init():
+    # DDP needs a gradient (zero or not) for every parameter, also at init (alpha = 0)
+    h = head()
+    out = h(pyramid())
+    sum(o.sum() for o in out).backward()
+    assert all(p.grad is not None for p in h.parameters())
+
+
+# -- costs -----------------------------------------------------------------------
+
+def hand_count(channels, depth, sizes, gates):
+    """MACs per image by hand: DESIGN §5's per-pixel costs summed over the pyramid."""
+    conv, dw = 9 * channels * channels + channels, 9 * channels + channels
+    total = 0
+    for i, (h, w) in enumerate(sizes):
+        scale_paths = (i > 0) + (i < len(sizes) - 1)  # up to a finer, down to a coarser level
+        per_pixel = 2 * conv + scale_paths * dw
+        if gates:
+            per_pixel += 9 * channels * (1 + scale_paths)  # depth gate + one gate per scale path
+        total += depth * h * w * per_pixel
+    return total
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "fixed"])
+def test_full_cost_by_hand(mode):
+    h = head(depth=3, mode=mode)
+    h(pyramid(batch=3))
+    expected = hand_count(C, 3, SIZES, gates=(mode == "dynamic"))
+    assert h.cost.full.shape == (3,)
+    assert torch.equal(h.cost.full, torch.full((3,), float(expected), dtype=torch.float64))
+    assert torch.equal(h.cost.executed, h.cost.full)  # at init every gate is on
+
+
+def test_full_cost_matches_flop_counter():
+    channels, sizes = 64, [(32, 40), (16, 20), (8, 10), (4, 5), (2, 3)]
+    h = DynamicHead(channels=channels, depth=2, mode="fixed", gn_groups=16)
+    feats = pyramid(batch=1, channels=channels, sizes=sizes)
+    with FlopCounterMode(display=False) as counter:
+        h(feats)
+    macs = counter.get_total_flops() / 2  # the counter counts a multiply-add as 2 FLOPs
+    # the counter sees the convs only; our count adds GroupNorm's C MACs per pixel
+    assert h.cost.full.item() == pytest.approx(macs, rel=0.02)
+
+
+def corner_gate(value):
+    """A stand-in gate: `value` at pixel (0, 0) of every level, 0 elsewhere."""
+    def forward(x, paths=None):
+        gate = torch.zeros(x.shape[0], 1, *x.shape[-2:])
+        gate[:, :, 0, 0] = value
+        return gate, gate > 0
+    return forward
+
+
+def test_executed_and_soft_cost_by_hand():
+    h = head(depth=1, paths=("depth",))
+    h.routers[0].depth_gate.forward = corner_gate(0.5)
+    feats = pyramid()
+    out = h(feats)
+    unit = 9 * C * C + C
+    # conv2 runs at the one pixel, conv1 on its 3x3 neighbourhood clipped at the border
+    conv1_pixels = [min(2, hh) * min(2, ww) for hh, ww in SIZES]
+    executed = sum(9 * C * hh * ww for hh, ww in SIZES) + sum((1 + n) * unit for n in conv1_pixels)
+    soft = sum(0.5 * (1 + n) * unit for n in conv1_pixels) / sum(2 * hh * ww * unit for hh, ww in SIZES)
+    assert h.cost.executed.tolist() == [executed, executed]
+    assert h.cost.soft[0].item() == pytest.approx(soft, rel=1e-6)
+    # where the depth gate is 0 the block is skipped: the output is relu(input)
+    for f, o in zip(feats, out):
+        assert torch.equal(o[:, :, 1:], F.relu(f[:, :, 1:]))
+
+
+# -- modes, ablations, budget ----------------------------------------------------------
+
+@pytest.mark.parametrize("paths", [("depth", "scale"), ("depth",), ("scale",)])
+def test_fixed_equals_dynamic_with_gates_at_one(paths):
+    dyn, fixed = head(paths=paths), head(paths=paths, mode="fixed")
+    fixed.load_state_dict(dyn.state_dict(), strict=False)  # fixed has no gate convs
+    for r, rf in zip(dyn.routers, fixed.routers):
+        for gate in (getattr(r, "depth_gate", None), getattr(r, "scale_gate", None)):
+            if gate is not None:  # tanh(20 - tau) is 1.0 in float32: every gate exactly 1
+                torch.nn.init.zeros_(gate.conv.weight)
+                torch.nn.init.constant_(gate.conv.bias, 20.0)
+        if hasattr(r, "alpha"):
+            for router in (r, rf):  # alpha != 0 so that the scale paths count
+                torch.nn.init.constant_(router.alpha, 0.7)
+    feats = pyramid()
+    for a, b in zip(dyn(feats), fixed(feats)):
+        assert torch.allclose(a, b, atol=1e-6)
+    gate_macs = dyn.cost.full - fixed.cost.full
+    assert torch.all(gate_macs > 0) and torch.equal(fixed.cost.executed, fixed.cost.full)
+
+
+def test_budget_alone_switches_gates_off():
+    torch.manual_seed(0)
+    h = head()
+    feats = pyramid()
+    opt = torch.optim.Adam(h.parameters(), lr=0.05)
+    h(feats)
+    start, start_exec = h.cost.soft.mean().item(), (h.cost.executed / h.cost.full).mean().item()
+    for _ in range(30):
+        h(feats)
+        opt.zero_grad()
+        h.cost.soft.mean().backward()
+        opt.step()
+    h(feats)
+    assert start > 0.95
+    assert h.cost.soft.mean().item() < 0.2 * start
+    assert (h.cost.executed / h.cost.full).mean().item() < 0.5 * start_exec
+
+
+def test_softmax_gates_sum_below_one_and_never_zero():
+    h = head(activation="softmax")
+    h(pyramid())
+    for step in h.gates:
+        down, up = step["down"], step["up"]
+        for level in range(1, len(SIZES) - 1):  # levels with both scale paths
+            total = down[level] + up[level]
+            assert torch.all(total < 1) and torch.all(total > 0.98)
+        assert torch.all(torch.cat([g.flatten() for g in step["depth"]]) > 0)
+
+
+def test_coarse_gates_are_constant_per_image():
+    h = head(coarse=True)
+    h(pyramid())
+    for step in h.gates:
+        for levels in step.values():
+            for g in levels:
+                if g is not None:
+                    assert torch.equal(g, g[:, :, :1, :1].expand_as(g))
+
+
+# -- the masked-computation seam ----------------------------------------------------
+
+def test_masked_group_norm_matches_per_image_reference():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 8, 6, 7, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 6, 7, generator=g) > 0.6
+    mask[2] = False  # an image with nothing to compute
+    w, b = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    got = dynhead.masked_group_norm(x, mask, 2, w, b)
+    for i in range(3):
+        ref = torch.zeros(8, 6, 7, dtype=torch.float64)
+        for grp in range(2):
+            ch = slice(4 * grp, 4 * grp + 4)
+            vals = x[i, ch][:, mask[i]]  # (4, n) the computed pixels of this group
+            if vals.numel():
+                normed = (vals - vals.mean()) / torch.sqrt(vals.var(unbiased=False) + 1e-5)
+                ref[ch][:, mask[i]] = normed * w[ch, None] + b[ch, None]
+        assert torch.allclose(got[i], ref, atol=1e-10)
+    assert torch.allclose(dynhead.masked_group_norm(x, None, 2, w, b), F.group_norm(x, 2, w, b))
+
+
+def test_masked_conv_zeroes_outside_mask():
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(4, 4, 3, 3)
+    mask = torch.rand(2, 5, 5) > 0.5
+    got = dynhead.masked_conv2d(x, mask, w)
+    assert torch.equal(got, F.conv2d(x, w, padding=1) * mask[:, None])
+
+
+# -- errors ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,match", [
+    ({"mode": "static"}, "unknown mode"),
+    ({"activation": "sigmoid"}, "unknown activation"),
+    ({"paths": ("depth", "diagonal")}, "unknown paths"),
+    ({"paths": ()}, "unknown paths"),
+    ({"channels": 30, "gn_groups": 4}, "divisible by gn_groups"),
+])
+def test_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        head(**kw)
+
+
+@pytest.mark.parametrize("feats,match", [
+    (pyramid()[:4], "expected a list of 5 pyramid levels"),
+    (pyramid(channels=8), r"expected \(B, 16, H, W\)"),
+    (pyramid(sizes=[(16, 20), (16, 20), (4, 5), (2, 3), (1, 2)]), "about 2x apart"),
+    (pyramid(sizes=list(reversed(SIZES))), "about 2x apart"),
+    (torch.randn(2, C, 8, 8), "expected a list of 5"),
+])
+def test_bad_features(feats, match):
+    with pytest.raises(ValueError, match=match):
+        head()(feats)
+
+
+# -- copied alone ------------------------------------------------------------------
+
+def test_dynhead_runs_when_copied_alone(tmp_path):
+    shutil.copy(dynhead.__file__, tmp_path / "dynhead.py")
+    script = textwrap.dedent("""
+        import torch, dynhead
+        head = dynhead.DynamicHead(channels=32, depth=2, gn_groups=8)
+        feats = [torch.randn(1, 32, s, s) for s in (16, 8, 4, 2, 1)]
+        out = head(feats)
+        (sum(o.mean() for o in out) + head.cost.soft.mean()).backward()
+        print("ok", dynhead.__file__)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert str(tmp_path) in res.stdout
