@@ -32,6 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:  # sparse.py beside this file turns the gates' zeros into speed (§2.2.3); optional
+    import sparse as _sparse
+    if not hasattr(_sparse, "masked_conv2d"):  # some other package called "sparse"
+        _sparse = None
+except ImportError:
+    _sparse = None
+
 MODES = ("dynamic", "fixed")
 ACTIVATIONS = ("proposed", "restricted_tanh", "softmax")
 PATHS = ("depth", "scale")
@@ -135,13 +142,15 @@ def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
     if mask is None:
         return F.group_norm(x, num_groups, weight, bias, eps)
     B, C, H, W = x.shape
-    m = mask[:, None, None].to(x.dtype)                    # (B, 1, 1, H, W)
-    xg = x.reshape(B, num_groups, C // num_groups, H, W)  # (B, G, C/G, H, W)
+    acc = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least (AMP)
+    m = mask[:, None, None].to(acc)                                 # (B, 1, 1, H, W)
+    xg = x.to(acc).reshape(B, num_groups, C // num_groups, H, W)    # (B, G, C/G, H, W)
     count = (m.sum((2, 3, 4), keepdim=True) * (C // num_groups)).clamp_min(1)
     mean = (xg * m).sum((2, 3, 4), keepdim=True) / count
     var = ((xg - mean) ** 2 * m).sum((2, 3, 4), keepdim=True) / count
     y = ((xg - mean) * torch.rsqrt(var + eps) * m).reshape(B, C, H, W)
-    return (y * weight[:, None, None] + bias[:, None, None]) * mask[:, None].to(x.dtype)
+    y = (y * weight[:, None, None] + bias[:, None, None]) * mask[:, None]
+    return y.to(x.dtype)
 
 
 class DenseKernels:
@@ -397,11 +406,14 @@ class DynamicHead(nn.Module):
         self.channels, self.num_levels, self.mode = channels, num_levels, mode
         self.routers = nn.ModuleList(
             Router(channels, mode, paths, activation, tau, coarse, gn_groups) for _ in range(depth))
+        self.dense = False  # True: the dense reference kernels even where sparse.py is present
         self.cost = None
         self.gates = None
 
     def kernels(self):
-        return DenseKernels
+        """The masked-computation kernels: sparse.py's gather-scatter when it sits
+        beside this file, else (or with head.dense = True) the dense reference."""
+        return DenseKernels if self.dense or _sparse is None else _sparse
 
     def check(self, features):
         if not isinstance(features, (list, tuple)) or len(features) != self.num_levels:

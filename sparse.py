@@ -1,0 +1,185 @@
+"""
+Gather-scatter masked convolutions: the gate sparsity of the dynamic head turned
+into wall-clock speed (Song et al., NeurIPS 2020, §2.2.3 and Fig. 3).
+
+A gate that is exactly 0 at a pixel means the path's conv is not needed there.
+The paper counts the saving in FLOPs; the authors' code never shipped a fast
+masked conv. Here it is, in pure PyTorch, for training and inference, any batch,
+CPU and GPU, dense (3x3, C -> C') and depthwise convs:
+
+    1. index the mask once (`prepare_mask`): the flat positions of the active
+       pixels, and for each of them the 9 neighbours of a 3x3 window -- clamped
+       to the image, with the taps that fall outside it listed to be zeroed
+       (no padding of the whole map);
+    2. gather: (B, C, H, W) channels-last -> rows (N * 9, C) of the active
+       neighbourhoods (im2col of the active pixels only), in chunks;
+    3. one GEMM (N, 9C) x (9C, C') -- or one multiply-add for depthwise;
+    4. scatter the (N, C') rows back into a zero map.
+
+Autograd runs through index_select / index_copy / matmul, so gradients are exact:
+the gate activation has zero value and zero gradient where it is 0 (Eq. 3), so
+the skipped pixels contribute nothing to any gradient (DESIGN §4).
+
+Where gathering loses to the dense conv (high density, tiny maps), `masked_conv2d`
+runs the dense conv and masks it: same numbers either way. The thresholds come
+from bench.py, per device type.
+
+Map:
+    ActiveSet, prepare_mask   the indexed mask, shared by every conv and GN on it
+    masked_conv2d             gather -> GEMM -> scatter (or the dense fallback)
+    masked_group_norm         GroupNorm statistics over the active pixels only
+    DENSE_ABOVE, use_dense    the dispatch rule
+"""
+import torch
+import torch.nn.functional as F
+
+# The dispatch rule: above these densities (fraction of active pixels) the dense
+# conv is faster than gather-scatter; measured by `python bench.py` (README).
+DENSE_ABOVE = {
+    ("cpu", "conv"): 0.6,
+    ("cpu", "depthwise"): 0.0,  # memory-bound: gathering 9 taps never beats the dense conv
+    ("cuda", "conv"): 0.3,
+    ("cuda", "depthwise"): 0.0,
+}
+MIN_PIXELS = 64  # maps with fewer pixels per image run dense: nothing to gain
+CHUNK_BYTES = 8 * 2 ** 20  # bound on one chunk of gathered neighbourhoods (fits in cache)
+
+
+class ActiveSet:
+    """A (B, H, W) bool mask, indexed once and reused by every conv and GroupNorm
+    that shares it (one `nonzero`, one host sync, per mask)."""
+
+    def __init__(self, mask):
+        if mask.dim() != 3 or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a (B, H, W) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+        self.mask = mask
+        B, H, W = mask.shape
+        self.index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat b*H*W + y*W + x
+        self.batch = torch.div(self.index, H * W, rounding_mode="floor")  # (N,) image of each pixel
+        self.density = self.index.numel() / max(1, mask.numel())
+        self._taps = None
+
+    def __len__(self):
+        return self.index.numel()
+
+    def taps(self):
+        """(N*9,) flat index of each active pixel's 3x3 neighbours (row-major taps,
+        clamped into the image) and (K,) positions of the taps outside it."""
+        if self._taps is None:
+            B, H, W = self.mask.shape
+            yx = self.index % (H * W)
+            y, x = torch.div(yx, W, rounding_mode="floor"), yx % W
+            d = torch.arange(-1, 2, device=y.device)
+            ny = y[:, None, None] + d[None, :, None]  # (N, 3, 1)
+            nx = x[:, None, None] + d[None, None, :]  # (N, 1, 3)
+            inside = ((ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)).reshape(-1)
+            flat = (self.batch * H * W)[:, None, None] + ny.clamp(0, H - 1) * W + nx.clamp(0, W - 1)
+            self._taps = flat.reshape(-1), (~inside).nonzero().squeeze(1)
+        return self._taps
+
+
+def prepare_mask(mask):
+    """Index a bool mask once; None (compute everything) passes through."""
+    if mask is None or isinstance(mask, ActiveSet):
+        return mask
+    return ActiveSet(mask)
+
+
+def use_dense(active, kind, x):
+    """The dispatch rule: run the dense conv where gathering would be slower."""
+    B, H, W = active.mask.shape
+    threshold = DENSE_ABOVE.get((x.device.type, kind), 0.0)
+    return H * W < MIN_PIXELS or active.density > threshold
+
+
+def _check(x, active, weight, groups):
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, C, H, W), got {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    if tuple(active.mask.shape) != (B, H, W):
+        raise ValueError(f"mask must be (B, H, W) = {(B, H, W)} to match x, got {tuple(active.mask.shape)}")
+    if active.mask.device != x.device:
+        raise ValueError(f"mask is on {active.mask.device} but x on {x.device}; move them to one device")
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be (C_out, C_in/groups, 3, 3), got {tuple(weight.shape)}")
+    if groups not in (1, C) or weight.shape[1] * groups != C or (groups == C and weight.shape[0] != C):
+        raise ValueError(f"weight {tuple(weight.shape)} with groups={groups} does not fit {C} input "
+                         f"channels; expected (C_out, {C}, 3, 3) or depthwise ({C}, 1, 3, 3) with groups={C}")
+
+
+def _gemm(cols, w):
+    """(n, K) x (C_out, K)^T. On the CPU as a 1x1 conv: oneDNN's kernels run this
+    shape about twice as fast as the BLAS matmul that torch uses (measured here)."""
+    n = cols.shape[0]
+    if cols.device.type != "cpu" or n == 0:  # (an empty product still keeps w in the graph)
+        return cols @ w.t()
+    image = cols.view(1, 1, n, -1).permute(0, 3, 1, 2)  # (1, K, 1, n), channels_last: no copy
+    out = F.conv2d(image, w[:, :, None, None])  # (1, C_out, 1, n)
+    return out.permute(0, 2, 3, 1).reshape(n, -1)
+
+
+def masked_conv2d(x, mask, weight, bias=None, groups=1):
+    """3x3 conv, stride 1, padding 1, computed only where `mask` is true (each
+    image its own mask) and 0 elsewhere. groups=1 (dense) or groups=C (depthwise).
+
+    x (B, C, H, W); mask (B, H, W) bool, an ActiveSet, or None (everywhere).
+    Returns (B, C_out, H, W) in channels_last memory format.
+    """
+    if mask is None:
+        return F.conv2d(x, weight, bias, padding=1, groups=groups)
+    active = prepare_mask(mask)
+    _check(x, active, weight, groups)
+    depthwise = groups > 1
+    if use_dense(active, "depthwise" if depthwise else "conv", x):
+        y = F.conv2d(x, weight, bias, padding=1, groups=groups)
+        return y * active.mask[:, None].to(y.dtype)
+    B, C, H, W = x.shape
+    C_out = weight.shape[0]
+    rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view when x is channels_last
+    taps, outside = active.taps()
+    if depthwise:
+        w = weight.reshape(C, 9).t()  # (9, C): one multiply-add per tap and channel
+    else:
+        w = weight.permute(0, 2, 3, 1).reshape(C_out, 9 * C)  # (C_out, 9C), taps row-major
+    n = len(active)
+    chunk = max(1, CHUNK_BYTES // (9 * C * x.element_size()))
+    outs = []
+    for start in range(0, max(n, 1), chunk):
+        stop = min(n, start + chunk)
+        cols = rows.index_select(0, taps[9 * start:9 * stop])  # (n*9, C) gathered neighbourhoods
+        cut = outside[(outside >= 9 * start) & (outside < 9 * stop)] - 9 * start
+        if cut.numel():
+            cols.index_fill_(0, cut, 0)  # taps beyond the border see zero padding
+        if depthwise:
+            outs.append((cols.view(-1, 9, C) * w).sum(1))  # (n, 9, C) -> (n, C)
+        else:
+            outs.append(_gemm(cols.view(-1, 9 * C), w))  # (n, 9C) x (9C, C_out)
+    y = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if bias is not None:
+        y = y + bias
+    out = y.new_zeros(B * H * W, C_out).index_copy_(0, active.index, y)  # scatter
+    return out.view(B, H, W, C_out).permute(0, 3, 1, 2)
+
+
+def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
+    """GroupNorm whose statistics are taken over the active pixels of each image
+    and group only (DESIGN §4); 0 outside the mask."""
+    if mask is None:
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    active = prepare_mask(mask)
+    B, C, H, W = x.shape
+    if tuple(active.mask.shape) != (B, H, W):
+        raise ValueError(f"mask must be (B, H, W) = {(B, H, W)} to match x, got {tuple(active.mask.shape)}")
+    if C % num_groups:
+        raise ValueError(f"{C} channels are not divisible into {num_groups} groups")
+    rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C).index_select(0, active.index)
+    acc = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least (AMP)
+    grouped = rows.to(acc).view(-1, num_groups, C // num_groups)  # (N, G, C/G)
+    count = torch.bincount(active.batch, minlength=B).clamp_min(1)[:, None] * (C // num_groups)
+    zeros = grouped.new_zeros(B, num_groups)
+    mean = zeros.index_add(0, active.batch, grouped.sum(2)) / count  # (B, G)
+    centered = grouped - mean[active.batch][:, :, None]
+    var = zeros.index_add(0, active.batch, (centered ** 2).sum(2)) / count
+    y = (centered * torch.rsqrt(var + eps)[active.batch][:, :, None]).view(-1, C) * weight + bias
+    out = rows.new_zeros(B * H * W, C).index_copy_(0, active.index, y.to(x.dtype))
+    return out.view(B, H, W, C).permute(0, 3, 1, 2)
