@@ -19,7 +19,8 @@ Map, in the paper's order:
     gate_activation        Eq. 3, the gate activation delta(v)
     SpatialGate            §2.2.1, Fig. 3c: 3x3 conv -> (GAP) -> activation
     masked_conv2d,         the one seam for masked computation (§2.2.3, §2.3):
-    masked_group_norm        dense references with GN over the computed pixels
+    masked_group_norm,       dense references with GN over the computed pixels
+    gate_conv2d
     DepthPath, ScalePath   §2.2.3: the paths a router can send a pixel along
     Router                 §2.1, Eq. 2: one depth step of the routing space
     HeadCost               Eq. 4-5: soft budget, executed and full MACs
@@ -95,13 +96,13 @@ class SpatialGate(nn.Module):
         nn.init.normal_(self.conv.weight, std=0.01)
         nn.init.constant_(self.conv.bias, gate_init_bias(activation, tau, num_paths))
 
-    def forward(self, x, paths=None):
+    def forward(self, x, paths=None, kernels=None):
         # paths: indices of the output channels needed here (a level at the top or
         # bottom of the pyramid has no finer or coarser neighbour); default all
         w, b = self.conv.weight, self.conv.bias
         if paths is not None:
             w, b = w[paths], b[paths]
-        v = F.conv2d(x, w, b, padding=1)  # (B, C, H, W) -> (B, P, H, W)
+        v = (kernels or DenseKernels).gate_conv2d(x, w, b)  # (B, C, H, W) -> (B, P, H, W)
         if self.coarse:  # Tab. 1 "DY" without "FG": one value per image and path
             v = v.mean((2, 3), keepdim=True)
         if self.activation == "softmax":
@@ -125,6 +126,11 @@ class SpatialGate(nn.Module):
 # same signatures and computes only the masked pixels. GroupNorm's statistics
 # are taken over the computed pixels only (a decision of this project, see the
 # README), so the two agree to float tolerance in training and inference alike.
+
+def gate_conv2d(x, weight, bias):
+    """The gate conv: 3x3, every pixel (the gates decide what is skipped, §2.2.1)."""
+    return F.conv2d(x, weight, bias, padding=1)
+
 
 def prepare_mask(mask):
     """Turn a bool mask into what the kernels take (sparse.py indexes it once)."""
@@ -155,6 +161,7 @@ def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
 
 class DenseKernels:
     """The dense reference kernels, as one namespace like the sparse module."""
+    gate_conv2d = staticmethod(gate_conv2d)
     prepare_mask = staticmethod(prepare_mask)
     masked_conv2d = staticmethod(masked_conv2d)
     masked_group_norm = staticmethod(masked_group_norm)
@@ -197,12 +204,12 @@ class DepthPath(nn.Module):
             M1, M2 = kernels.prepare_mask(M1), kernels.prepare_mask(active)
         G = self.gn1.num_groups
         y = kernels.masked_conv2d(a, M1, self.conv1.weight)
-        y = F.relu(kernels.masked_group_norm(y, M1, G, self.gn1.weight, self.gn1.bias, self.gn1.eps))
+        y = F.relu(kernels.masked_group_norm(y, M1, G, self.gn1.weight, self.gn1.bias, self.gn1.eps), inplace=True)
         y = kernels.masked_conv2d(y, M2, self.conv2.weight)
         y = kernels.masked_group_norm(y, M2, G, self.gn2.weight, self.gn2.bias, self.gn2.eps)
-        if gate is not None:
-            y = gate * y  # Eq. 2: the path's output weighted by its gate
-        return F.relu(y + a)
+        # Eq. 2: the path's output weighted by its gate, plus the residual
+        y = a + y if gate is None else torch.addcmul(a, gate, y)
+        return F.relu(y, inplace=True)
 
     def full_macs(self, hw):
         return 2 * hw * self.unit_macs
@@ -290,7 +297,7 @@ class Router(nn.Module):
                 names = [p for p, ok in (("down", n < L - 1), ("up", n > 0)) if ok]
                 gates = actives = None
                 if self.dynamic:
-                    gates, actives = self.scale_gate(x, [("down", "up").index(p) for p in names])
+                    gates, actives = self.scale_gate(x, [("down", "up").index(p) for p in names], kernels)
                     tally.add_gate(self.gate_macs * len(names), x)
                 for i, name in enumerate(names):
                     path = self.down if name == "down" else self.up
@@ -304,14 +311,14 @@ class Router(nn.Module):
                 arriving = [resize(s, x.shape[-2:]) for s in
                             (sent_down[n - 1] if n > 0 else None,
                              sent_up[n + 1] if n < L - 1 else None) if s is not None]
-                a.append(self.alpha * sum(arriving) + self.beta * x)
+                a.append(torch.addcmul(self.beta * x, self.alpha, sum(arriving)))  # alpha * arriving + beta * x
         if self.depth is None:
             return a
         outs = []
         for n, an in enumerate(a):
             g = act = None
             if self.dynamic:
-                g, act = self.depth_gate(an)
+                g, act = self.depth_gate(an, kernels=kernels)
                 act = act[:, 0]
                 tally.add_gate(self.gate_macs, an)
             outs.append(self.depth(an, g, act, kernels))

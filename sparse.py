@@ -16,9 +16,9 @@ CPU and GPU, dense (3x3, C -> C') and depthwise convs:
     3. one GEMM (N, 9C) x (9C, C') -- or one multiply-add for depthwise;
     4. scatter the (N, C') rows back into a zero map.
 
-Autograd runs through index_select / index_copy / matmul, so gradients are exact:
-the gate activation has zero value and zero gradient where it is 0 (Eq. 3), so
-the skipped pixels contribute nothing to any gradient (DESIGN §4).
+Backward is the same gather -> GEMM -> scatter-add in reverse, so gradients are
+exact: the gate activation has zero value and zero gradient where it is 0 (Eq. 3),
+so the skipped pixels contribute nothing to any gradient (DESIGN §4).
 
 Where gathering loses to the dense conv (high density, tiny maps), `masked_conv2d`
 runs the dense conv and masks it: same numbers either way. The thresholds come
@@ -28,6 +28,7 @@ Map:
     ActiveSet, prepare_mask   the indexed mask, shared by every conv and GN on it
     masked_conv2d             gather -> GEMM -> scatter (or the dense fallback)
     masked_group_norm         GroupNorm statistics over the active pixels only
+    gate_conv2d               the gates' dense 3x3 conv C -> 1-2, fast on the CPU
     DENSE_ABOVE, use_dense    the dispatch rule
 """
 import torch
@@ -56,6 +57,7 @@ class ActiveSet:
         B, H, W = mask.shape
         self.index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat b*H*W + y*W + x
         self.batch = torch.div(self.index, H * W, rounding_mode="floor")  # (N,) image of each pixel
+        self.counts = torch.bincount(self.batch, minlength=B).tolist()  # active pixels per image
         self.density = self.index.numel() / max(1, mask.numel())
         self._taps = None
 
@@ -118,12 +120,105 @@ def _gemm(cols, w):
     return out.permute(0, 2, 3, 1).reshape(n, -1)
 
 
+def _chunks(active, C, itemsize):
+    """Yield (start, stop, taps, cut) over the active pixels, bounded by CHUNK_BYTES:
+    the chunk's neighbour indices (n*9,) and the positions among them to zero."""
+    taps, outside = active.taps()
+    n = len(active)
+    step = max(1, CHUNK_BYTES // (9 * C * itemsize))
+    for start in range(0, max(n, 1), step):  # an empty set still makes one (empty) pass
+        stop = min(n, start + step)
+        cut = outside[(outside >= 9 * start) & (outside < 9 * stop)] - 9 * start
+        yield start, stop, taps[9 * start:9 * stop], cut
+
+
+def _gather(rows, taps, cut):
+    cols = rows.index_select(0, taps)  # (n*9, C): the 3x3 neighbourhoods, im2col-style
+    if cut.numel():
+        cols.index_fill_(0, cut, 0)  # taps beyond the border see zero padding
+    return cols
+
+
+def _rows(t):
+    """(B, C, H, W) -> (B*H*W, C) pixel rows; a view when t is channels_last."""
+    B, C, H, W = t.shape
+    return t.permute(0, 2, 3, 1).reshape(B * H * W, C)
+
+
+class _MaskedConv(torch.autograd.Function):
+    """Gather -> GEMM -> scatter, chunk by chunk. Backward gathers again rather
+    than saving the gathered columns: 9x the active input would otherwise be
+    kept for every conv, more than the dense conv keeps."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, active, depthwise):
+        B, C, H, W = x.shape
+        C_out = weight.shape[0]
+        rows = _rows(x)
+        if depthwise:
+            w = weight.reshape(C, 9).t()  # (9, C): one multiply-add per tap and channel
+        else:
+            w = weight.permute(0, 2, 3, 1).reshape(C_out, 9 * C)  # (C_out, 9C), taps row-major
+        out = x.new_zeros(B * H * W, C_out)
+        for start, stop, taps, cut in _chunks(active, C, x.element_size()):
+            cols = _gather(rows, taps, cut)
+            if depthwise:
+                y = (cols.view(-1, 9, C) * w).sum(1)  # (n, 9, C) -> (n, C)
+            else:
+                y = _gemm(cols.view(-1, 9 * C), w)  # (n, 9C) x (9C, C_out)
+            if bias is not None:
+                y = y + bias
+            out[active.index[start:stop]] = y  # scatter this chunk at once
+            del cols, y  # free this chunk before the next one is gathered
+        ctx.save_for_backward(x, weight)
+        ctx.active, ctx.depthwise, ctx.has_bias = active, depthwise, bias is not None
+        return out.view(B, H, W, C_out).permute(0, 3, 1, 2)  # channels_last
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        active, depthwise = ctx.active, ctx.depthwise
+        B, C, H, W = x.shape
+        C_out = weight.shape[0]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        rows, grad_rows = _rows(x), (x.new_zeros(B * H * W, C) if need_x else None)
+        grad_y_all = _rows(grad_out)
+        w = weight.reshape(C, 9).t() if depthwise else weight.permute(0, 2, 3, 1).reshape(C_out, 9 * C)
+        grad_w = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32))
+        grad_b = grad_out.new_zeros(C_out, dtype=grad_w.dtype)
+        for start, stop, taps, cut in _chunks(active, C, x.element_size()):
+            gy = grad_y_all.index_select(0, active.index[start:stop])  # (n, C_out)
+            if need_b:
+                grad_b += gy.sum(0)
+            cols = _gather(rows, taps, cut) if need_w else None
+            if depthwise:
+                if need_w:
+                    grad_w += (cols.view(-1, 9, C) * gy[:, None]).sum(0)
+                grad_cols = (gy[:, None] * w).reshape(-1, C) if need_x else None  # (n*9, C)
+            else:
+                if need_w:
+                    grad_w += gy.t() @ cols.view(-1, 9 * C)  # (C_out, n) x (n, 9C)
+                grad_cols = _gemm(gy, w.t()).view(-1, C) if need_x else None  # (n, C_out) x (C_out, 9C)
+            if need_x:
+                if cut.numel():
+                    grad_cols.index_fill_(0, cut, 0)  # clamped border taps received nothing
+                grad_rows.index_add_(0, taps, grad_cols)  # the transpose of the gather
+        grad_x = grad_rows.view(B, H, W, C).permute(0, 3, 1, 2) if need_x else None
+        if depthwise:
+            grad_weight = grad_w.t().reshape(C, 1, 3, 3)
+        else:
+            grad_weight = grad_w.reshape(C_out, 3, 3, C).permute(0, 3, 1, 2)
+        grad_weight = grad_weight.to(weight.dtype) if need_w else None
+        grad_bias = grad_b.to(weight.dtype) if need_b and ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias, None, None
+
+
 def masked_conv2d(x, mask, weight, bias=None, groups=1):
     """3x3 conv, stride 1, padding 1, computed only where `mask` is true (each
     image its own mask) and 0 elsewhere. groups=1 (dense) or groups=C (depthwise).
 
     x (B, C, H, W); mask (B, H, W) bool, an ActiveSet, or None (everywhere).
-    Returns (B, C_out, H, W) in channels_last memory format.
+    Returns (B, C_out, H, W), channels_last when gathered.
     """
     if mask is None:
         return F.conv2d(x, weight, bias, padding=1, groups=groups)
@@ -133,32 +228,24 @@ def masked_conv2d(x, mask, weight, bias=None, groups=1):
     if use_dense(active, "depthwise" if depthwise else "conv", x):
         y = F.conv2d(x, weight, bias, padding=1, groups=groups)
         return y * active.mask[:, None].to(y.dtype)
+    return _MaskedConv.apply(x, weight, bias, active, depthwise)
+
+
+def gate_conv2d(x, weight, bias):
+    """The gates' 3x3 conv C -> P (P = 1 or 2 paths), run on every pixel. CPU conv
+    kernels are slow for so few output channels: a 1x1 conv to 9P channels, then
+    the sum of the 9 shifted taps, computes the same about 4x faster here."""
+    if x.device.type != "cpu":
+        return F.conv2d(x, weight, bias, padding=1)
     B, C, H, W = x.shape
-    C_out = weight.shape[0]
-    rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view when x is channels_last
-    taps, outside = active.taps()
-    if depthwise:
-        w = weight.reshape(C, 9).t()  # (9, C): one multiply-add per tap and channel
-    else:
-        w = weight.permute(0, 2, 3, 1).reshape(C_out, 9 * C)  # (C_out, 9C), taps row-major
-    n = len(active)
-    chunk = max(1, CHUNK_BYTES // (9 * C * x.element_size()))
-    outs = []
-    for start in range(0, max(n, 1), chunk):
-        stop = min(n, start + chunk)
-        cols = rows.index_select(0, taps[9 * start:9 * stop])  # (n*9, C) gathered neighbourhoods
-        cut = outside[(outside >= 9 * start) & (outside < 9 * stop)] - 9 * start
-        if cut.numel():
-            cols.index_fill_(0, cut, 0)  # taps beyond the border see zero padding
-        if depthwise:
-            outs.append((cols.view(-1, 9, C) * w).sum(1))  # (n, 9, C) -> (n, C)
-        else:
-            outs.append(_gemm(cols.view(-1, 9 * C), w))  # (n, 9C) x (9C, C_out)
-    y = torch.cat(outs) if len(outs) > 1 else outs[0]
-    if bias is not None:
-        y = y + bias
-    out = y.new_zeros(B * H * W, C_out).index_copy_(0, active.index, y)  # scatter
-    return out.view(B, H, W, C_out).permute(0, 3, 1, 2)
+    P = weight.shape[0]
+    taps = F.conv2d(x, weight.permute(2, 3, 0, 1).reshape(9 * P, C, 1, 1))  # (B, 9P, H, W)
+    taps = F.pad(taps, (1, 1, 1, 1))  # a small map: 9P channels
+    out = bias.view(1, P, 1, 1).expand(B, P, H, W)
+    for t in range(9):  # tap (dy, dx) of output pixel (y, x) was computed at (y + dy - 1, x + dx - 1)
+        dy, dx = divmod(t, 3)
+        out = out + taps[:, t * P:(t + 1) * P, dy:dy + H, dx:dx + W]
+    return out
 
 
 def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
@@ -172,14 +259,13 @@ def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
         raise ValueError(f"mask must be (B, H, W) = {(B, H, W)} to match x, got {tuple(active.mask.shape)}")
     if C % num_groups:
         raise ValueError(f"{C} channels are not divisible into {num_groups} groups")
-    rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C).index_select(0, active.index)
-    acc = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least (AMP)
-    grouped = rows.to(acc).view(-1, num_groups, C // num_groups)  # (N, G, C/G)
-    count = torch.bincount(active.batch, minlength=B).clamp_min(1)[:, None] * (C // num_groups)
-    zeros = grouped.new_zeros(B, num_groups)
-    mean = zeros.index_add(0, active.batch, grouped.sum(2)) / count  # (B, G)
-    centered = grouped - mean[active.batch][:, :, None]
-    var = zeros.index_add(0, active.batch, (centered ** 2).sum(2)) / count
-    y = (centered * torch.rsqrt(var + eps)[active.batch][:, :, None]).view(-1, C) * weight + bias
-    out = rows.new_zeros(B * H * W, C).index_copy_(0, active.index, y.to(x.dtype))
+    rows = _rows(x).index_select(0, active.index)  # (N, C), image by image (the index is sorted)
+    # GroupNorm over one image's active pixels is torch's GroupNorm of the (1, C, n, 1)
+    # tensor of those pixels: each group's statistics run over its C/G channels x n
+    # pixels. Viewed channels_last, that tensor is the (n, C) rows themselves: no copy.
+    normed = [F.group_norm(r.view(1, -1, 1, C).permute(0, 3, 1, 2), num_groups, weight, bias, eps)
+              .permute(0, 2, 3, 1).reshape(-1, C) for r in rows.split(active.counts) if len(r)]
+    out = x.new_zeros(B * H * W, C)
+    if normed:
+        out[active.index] = torch.cat(normed).to(x.dtype)
     return out.view(B, H, W, C).permute(0, 3, 1, 2)

@@ -138,7 +138,7 @@ def test_full_cost_matches_flop_counter():
 
 def corner_gate(value):
     """A stand-in gate: `value` at pixel (0, 0) of every level, 0 elsewhere."""
-    def forward(x, paths=None):
+    def forward(x, paths=None, kernels=None):
         gate = torch.zeros(x.shape[0], 1, *x.shape[-2:])
         gate[:, :, 0, 0] = value
         return gate, gate > 0

@@ -1,0 +1,312 @@
+"""
+Benchmarks of the gather-scatter kernels (sparse.py) against dense convolutions:
+how much of the gates' sparsity (§2.2.3) turns into wall-clock time and memory.
+
+    python bench.py                      # both parts, on CUDA if present, else the CPU
+    python bench.py --part conv --device cpu --dtype float32
+
+Part (a), `conv`: one 3x3 256->256 conv and one depthwise 3x3 conv on a P3-sized
+map (100x168, an 800x1333 image), batch 1 and 8, masks shaped like real gates
+(smooth blobs). Columns: dense conv; the gather kernel forced on; masked_conv2d as
+dispatched (gather or dense, sparse.DENSE_ABOVE); speedup of the dispatched call;
+ideal speedup 1/density; their ratio; peak memory of dense and dispatched calls.
+
+Part (b), `head`: a D8 dynamic head, both towers of FCOS, on the five levels of an
+800x1333 image, the dense reference kernels against sparse.py, with gates held off
+outside smooth blobs so that about 50%, 25% and 10% of the MACs are executed:
+inference forward, and a training step (forward + backward).
+
+Times are medians of --repeats runs, dense and sparse interleaved in one process.
+Peak memory: CUDA's allocator statistics; on the CPU (Linux), the rise of the
+process's peak resident memory, in a second pass where malloc returns freed
+blocks at once. In the timing pass malloc keeps freed memory for reuse instead.
+"""
+import argparse
+import ctypes
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dynhead
+import sparse
+
+P3 = (100, 168)  # stride 8 of an 800x1333 image, padded to a multiple of 32
+PYRAMID = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]  # P3..P7
+
+
+def blobs(batch, size, density, seed, device):
+    """(B, H, W) bool masks of smooth random blobs covering `density` of each image."""
+    H, W = size
+    g = torch.Generator().manual_seed(seed)
+    if density >= 1:
+        return torch.ones(batch, H, W, dtype=torch.bool, device=device)
+    field = torch.randn(batch, 1, H // 12 + 2, W // 12 + 2, generator=g)
+    field = F.interpolate(field, size=(H, W), mode="bicubic", align_corners=False)[:, 0]
+    k = max(1, round(density * H * W))
+    threshold = field.reshape(batch, -1).topk(k, dim=1).values[:, -1]
+    return (field >= threshold[:, None, None]).to(device)
+
+
+# -----------------------------------------------------------------------------
+# Measuring
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_times(fns, device, repeats):
+    """Median seconds of each function, the functions interleaved run by run."""
+    times = [[] for _ in fns]
+    for fn in fns:  # warm-up
+        fn()
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def _resident(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+
+def peak_memory(fn, device):
+    """Bytes of memory `fn` needs above what is already allocated (None: unknown)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    if not sys.platform.startswith("linux"):
+        return None
+    _libc().malloc_trim(0)  # give back what earlier runs left in malloc's free lists
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set size (VmHWM)
+    base = _resident("VmRSS:")
+    fn()
+    return _resident("VmHWM:") - base
+
+
+def _libc():
+    return ctypes.CDLL("libc.so.6")
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
+
+
+def keep_freed_memory():
+    """For the timing pass: malloc keeps and reuses freed memory (as PyTorch's CUDA
+    caching allocator does), so that page faults of fresh allocations -- which
+    depend on what ran before -- do not blur the comparison."""
+    if sys.platform.startswith("linux"):
+        _libc().mallopt(M_MMAP_MAX, 0)
+        _libc().mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+
+
+def return_freed_memory_to_os():
+    """For the memory pass: serve every large block by mmap, so that free() gives
+    it back at once and the resident-set peak follows the live tensors."""
+    if sys.platform.startswith("linux"):
+        _libc().mallopt(M_MMAP_MAX, 65536)
+        _libc().mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+        _libc().mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+
+
+def mb(n):
+    return "n/a" if n is None else f"{n / 2 ** 20:.0f}"
+
+
+# -----------------------------------------------------------------------------
+# (a) one conv
+
+def conv_cases(device, dtype, batches, densities):
+    """One case per (kind, batch, density): the dense conv, the gather kernel
+    forced on, and masked_conv2d as dispatched."""
+    forced = {k: 1.0 for k in sparse.DENSE_ABOVE}
+    for kind, groups in (("conv", 1), ("depthwise", 256)):
+        for batch in batches:
+            x = torch.randn(batch, 256, *P3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(256, 256 // groups, 3, 3, device=device, dtype=dtype) * 0.02
+            for density in densities:
+                mask = blobs(batch, P3, density, seed=batch, device=device)
+
+                def dense(x=x, w=w, mask=mask, groups=groups):  # the best dense can do: conv, then mask
+                    return F.conv2d(x, w, padding=1, groups=groups) * mask[:, None].to(x.dtype)
+
+                def masked(x=x, w=w, mask=mask, groups=groups):  # as the head calls it: index, then kernel
+                    return sparse.masked_conv2d(x, sparse.prepare_mask(mask), w, groups=groups)
+
+                def gather(masked=masked):
+                    saved, sparse.DENSE_ABOVE = sparse.DENSE_ABOVE, forced
+                    try:
+                        return masked()
+                    finally:
+                        sparse.DENSE_ABOVE = saved
+
+                path = "dense" if sparse.use_dense(sparse.ActiveSet(mask), kind, x) else "gather"
+                yield dict(kind=kind, batch=batch, density=density, path=path,
+                           fns={"dense": dense, "gather": gather, "masked": masked})
+
+
+def print_conv(cases, device, dtype):
+    print(f"\n(a) one 3x3 conv on a {P3[0]}x{P3[1]} map (P3 of 800x1333), 256 channels, "
+          f"{device.type} {dtype}, channels_last, gate-shaped masks; times in ms")
+    crossover, heading = {}, None
+    for c in cases:
+        if heading != (c["kind"], c["batch"]):
+            heading = (c["kind"], c["batch"])
+            print(f"\n{c['kind']}, batch {c['batch']}")
+            print(f"{'density':>7} {'dense':>8} {'gather':>8} {'masked':>8} {'path':>6} {'speedup':>7} "
+                  f"{'ideal':>6} {'ratio':>6} {'MB dense':>8} {'MB masked':>9}")
+        t, m = c["time"], c["memory"]
+        speedup, ideal = t["dense"] / t["masked"], 1 / c["density"]
+        print(f"{c['density']:7.2f} {t['dense'] * 1e3:8.2f} {t['gather'] * 1e3:8.2f} {t['masked'] * 1e3:8.2f} "
+              f"{c['path']:>6} {speedup:6.2f}x {ideal:5.1f}x {speedup / ideal:6.2f} "
+              f"{mb(m['dense']):>8} {mb(m['masked']):>9}")
+        if t["gather"] < t["dense"]:
+            crossover[heading] = max(crossover.get(heading, 0.0), c["density"])
+    rule = {k: v for (d, k), v in sparse.DENSE_ABOVE.items() if d == device.type}
+    print(f"\nhighest density at which gathering beat dense, per (kind, batch): {crossover or 'none'}")
+    print(f"the dispatch rule in use, sparse.DENSE_ABOVE for {device.type}: {rule}")
+
+
+# -----------------------------------------------------------------------------
+# (b) the whole head
+
+class BlobGates:
+    """Holds every spatial gate of the heads off outside fixed smooth blobs of
+    `density`, keeping the gate convs (and their cost and gradients) in place."""
+
+    def __init__(self):
+        self.density, self.cache = 1.0, {}
+        self.original = dynhead.SpatialGate.forward
+        outer = self
+
+        def forward(gate_module, x, paths=None, kernels=None):
+            gate, active = outer.original(gate_module, x, paths, kernels)
+            key = (id(gate_module), gate.shape, outer.density)
+            if key not in outer.cache:
+                B, P, H, W = gate.shape
+                outer.cache[key] = torch.stack([blobs(B, (H, W), outer.density, seed=hash(key[:2]) % 2 ** 31 + p,
+                                                      device=x.device) for p in range(P)], 1)
+            keep = outer.cache[key]
+            return gate * keep, active & keep
+
+        dynhead.SpatialGate.forward = forward
+
+    def close(self):
+        dynhead.SpatialGate.forward = self.original
+
+
+def head_cases(device, dtype, batch, targets, gates):
+    """One case per (target executed fraction, inference/train): both FCOS towers
+    with the dense reference kernels, and with sparse.py. The gate density that
+    gives each target is found by bisection; each case re-installs it."""
+    torch.manual_seed(0)
+    towers = [dynhead.DynamicHead(256, depth=8).to(device, dtype).to(memory_format=torch.channels_last)
+              for _ in range(2)]
+    features = [torch.randn(batch, 256, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                for h, w in PYRAMID]
+
+    def executed():
+        with torch.no_grad():
+            for tower in towers:
+                tower(features)
+        return sum(t.cost.executed.sum() for t in towers).item() / sum(t.cost.full.sum() for t in towers).item()
+
+    def run(density, dense, train):
+        gates.density = density
+        for tower in towers:
+            tower.dense = dense
+        with torch.set_grad_enabled(train):
+            outs = [tower(features) for tower in towers]
+            if train:
+                loss = sum(o.float().mean() for out in outs for o in out) + sum(t.cost.soft.mean() for t in towers)
+                loss.backward()
+                for tower in towers:
+                    tower.zero_grad(set_to_none=True)
+
+    for target in targets:
+        lo, hi = 0.0, 1.0
+        for _ in range(12):
+            gates.density = (lo + hi) / 2
+            lo, hi = (gates.density, hi) if executed() < target else (lo, gates.density)
+        density = gates.density
+        ratio = executed()
+        for train in (False, True):
+            yield dict(executed=ratio, mode="train" if train else "inference",
+                       fns={"dense": lambda d=density, t=train: run(d, True, t),
+                            "sparse": lambda d=density, t=train: run(d, False, t)})
+
+
+def print_head(cases, device, dtype, batch):
+    print(f"\n(b) D8 dynamic head, both towers (cls + reg), 256 channels, levels "
+          f"{'/'.join(f'{h}x{w}' for h, w in PYRAMID)} (800x1333), batch {batch}, {device.type} {dtype}, "
+          f"channels_last; times in ms")
+    print(f"{'executed':>8} {'mode':>9} {'dense':>9} {'sparse':>9} {'speedup':>7} {'MB dense':>9} {'MB sparse':>9}")
+    for c in cases:
+        t, m = c["time"], c["memory"]
+        print(f"{c['executed']:8.1%} {c['mode']:>9} {t['dense'] * 1e3:9.0f} {t['sparse'] * 1e3:9.0f} "
+              f"{t['dense'] / t['sparse']:6.2f}x {mb(m['dense']):>9} {mb(m['sparse']):>9}")
+
+
+def measure(cases, device, repeats):
+    """Times first (the process's usual allocator), then peak memory."""
+    for c in cases:
+        with torch.no_grad() if "kind" in c else torch.enable_grad():
+            c["time"] = dict(zip(c["fns"], median_times(list(c["fns"].values()), device, repeats)))
+    if device.type == "cpu":
+        return_freed_memory_to_os()
+    for c in cases:
+        with torch.no_grad() if "kind" in c else torch.enable_grad():
+            c["memory"] = {k: peak_memory(fn, device) for k, fn in c["fns"].items() if k != "gather"}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=("conv", "head", "all"), default="all")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="default: float32 on the CPU, bfloat16 on CUDA")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batches of part (a)")
+    parser.add_argument("--head-batch", type=int, help="batch of part (b); default 1 on the CPU, 8 on CUDA")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    head_batch = args.head_batch or (8 if device.type == "cuda" else 1)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; median of {args.repeats} runs")
+    if device.type == "cpu":
+        keep_freed_memory()
+    torch.nn.functional.conv2d(torch.randn(1, 256, *P3, device=device, dtype=dtype),
+                               torch.randn(256, 256, 3, 3, device=device, dtype=dtype), padding=1)  # warm-up
+    conv, head, gates = [], [], BlobGates()
+    try:
+        if args.part in ("conv", "all"):
+            conv = list(conv_cases(device, dtype, args.batches, [1.0, 0.5, 0.25, 0.1, 0.05]))
+        if args.part in ("head", "all"):
+            head = list(head_cases(device, dtype, head_batch, [0.5, 0.25, 0.1], gates))
+        measure(conv + head, device, args.repeats)
+    finally:
+        gates.close()
+    if conv:
+        print_conv(conv, device, dtype)
+    if head:
+        print_head(head, device, dtype, head_batch)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""
+FCOS with the fine-grained dynamic head: the detector of the paper's experiments
+(Song et al., NeurIPS 2020, §3, Tab. 1-3), complete with targets, losses (plus
+Eq. 6's budget term), inference and FLOPs counting.
+
+FCOS itself is Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection"
+(ICCV 2019); the details below follow the authors' FCOS configuration (README).
+Torchvision provides the ResNet, frozen BatchNorm, the FPN, the focal and GIoU
+losses and NMS; the head and everything FCOS-specific is written here.
+
+Map, in the order a batch flows:
+    FCOS.__init__         backbone (ResNet, frozen BN, stem + stage 1 frozen), FPN P3-P7,
+                          one tower per branch ("fcos" | "fixed" | "dynamic"), predictors
+    FCOS.preprocess       normalise, resize, pad to a multiple of 32
+    FCOS.forward          features -> towers -> per-level predictions
+    locations             the image point of every feature cell
+    assign_targets        center sampling, size ranges, smallest-area tie-break
+    FCOS.losses           focal + GIoU + centerness + lambda * budget (Eq. 6)
+    FCOS.detect           score threshold, top-k, class-wise NMS, map back
+    FCOS.flops            executed / full head MACs and backbone MACs per image
+"""
+import math
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from dynhead import DynamicHead
+
+STRIDES = (8, 16, 32, 64, 128)  # P3..P7
+SIZE_RANGES = ((0, 64), (64, 128), (128, 256), (256, 512), (512, math.inf))  # max regression distance
+CENTER_RADIUS = 1.5  # center sampling, in strides
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+HEADS = ("fcos", "fixed", "dynamic")
+
+
+# -----------------------------------------------------------------------------
+# Backbone and FPN (§3.1)
+
+def build_backbone(name, pretrained, channels):
+    """ResNet with frozen BatchNorm, stem and first stage frozen, FPN on C3-C5, and
+    P6 / P7 by stride-2 3x3 convs on C5 and relu(P6) (DESIGN §6)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
+    resnet = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
+    if pretrained:
+        resnet.load_state_dict(imagenet_weights(name, pretrained))
+    for part in (resnet.conv1, resnet.layer1):  # stem and first stage stay frozen
+        part.requires_grad_(False)
+    c5 = resnet.fc.in_features  # 512 (resnet18/34) or 2048
+    in_channels = [c5 // 4, c5 // 2, c5]
+    return BackboneWithFPN(resnet, {"layer2": "c3", "layer3": "c4", "layer4": "c5"}, in_channels, channels,
+                           extra_blocks=LastLevelP6P7(c5, channels))
+
+
+def imagenet_weights(name, pretrained):
+    """ImageNet weights: torchvision's own (downloaded once), or a local file."""
+    if isinstance(pretrained, (str, os.PathLike)):
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"pretrained_backbone={pretrained!r}: no such file; pass the path of a "
+                                    f"torchvision {name} state dict, True to download it, or False")
+        return torch.load(pretrained, map_location="cpu", weights_only=True)
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as error:  # no network, proxy, ...
+        target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        raise RuntimeError(f"could not download the ImageNet weights of {name} ({error}). Download "
+                           f"{weights.url} on a machine with network and put it at {target}, or pass "
+                           f"pretrained_backbone='/path/to/{os.path.basename(weights.url)}'") from error
+
+
+# -----------------------------------------------------------------------------
+# The head: one tower per branch, shared predictors (FCOS, §3.1)
+
+class ConvTower(nn.Module):
+    """FCOS's own tower: 4 x (3x3 conv, GN, ReLU); FLOP-equivalent to a D2 routing tower."""
+
+    def __init__(self, channels, num_convs=4, gn_groups=32):
+        super().__init__()
+        layers = []
+        for _ in range(num_convs):
+            conv = nn.Conv2d(channels, channels, 3, padding=1)
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.GroupNorm(gn_groups, channels), nn.ReLU()]
+        self.tower = nn.Sequential(*layers)
+        self.macs_per_pixel = num_convs * (9 * channels * channels + channels)  # + GN, as dynhead counts
+        self.cost = None
+
+    def forward(self, features):
+        outs = [self.tower(f) for f in features]
+        full = sum(f.shape[-2] * f.shape[-1] for f in features) * self.macs_per_pixel
+        full = torch.full((features[0].shape[0],), float(full), dtype=torch.float64, device=features[0].device)
+        self.cost = (full, full)  # (executed, full): a static tower computes everything
+        return outs
+
+
+class Predictors(nn.Module):
+    """3x3 predictors shared across levels: class logits (cls branch), box distances
+    and centerness (reg branch), and one learnable scale per level."""
+
+    def __init__(self, channels, num_classes, num_levels):
+        super().__init__()
+        self.cls = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.box = nn.Conv2d(channels, 4, 3, padding=1)
+        self.ctr = nn.Conv2d(channels, 1, 3, padding=1)
+        for conv in (self.cls, self.box, self.ctr):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        nn.init.constant_(self.cls.bias, -math.log((1 - 0.01) / 0.01))  # focal loss prior 0.01
+        self.scales = nn.Parameter(torch.ones(num_levels))
+        self.macs_per_pixel = 9 * channels * (num_classes + 4 + 1)
+
+    def forward(self, cls_feats, reg_feats):
+        """Returns (B, P, K) logits, (B, P, 4) distances in pixels, (B, P) centerness
+        logits, all levels concatenated, finest first, cells in row-major order."""
+        flat = lambda t: t.flatten(2).transpose(1, 2)  # (B, k, H, W) -> (B, H*W, k)
+        cls, box, ctr = [], [], []
+        for level, (c, r) in enumerate(zip(cls_feats, reg_feats)):
+            cls.append(flat(self.cls(c)))
+            # the authors' FCOS: relu(scale_l * conv(x)) * stride_l
+            box.append(flat(F.relu(self.scales[level] * self.box(r)) * STRIDES[level]))
+            ctr.append(flat(self.ctr(r))[..., 0])
+        return torch.cat(cls, 1), torch.cat(box, 1), torch.cat(ctr, 1)
+
+
+# -----------------------------------------------------------------------------
+# Locations and targets (FCOS §3.1-3.3, DESIGN §6)
+
+def locations(sizes, device):
+    """Image points (P, 2) of every cell, (x*s + s//2, y*s + s//2), finest level
+    first, and the level index (P,) of each."""
+    points, levels = [], []
+    for level, ((h, w), s) in enumerate(zip(sizes, STRIDES)):
+        y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        points.append(torch.stack([x.reshape(-1), y.reshape(-1)], 1) * s + s // 2)
+        levels.append(torch.full((h * w,), level, device=device))
+    return torch.cat(points).float(), torch.cat(levels)
+
+
+def assign_targets(points, levels, boxes, labels):
+    """For one image: the box matched to each location, or -1 (background).
+
+    A location is positive for a box if it lies inside the box and within 1.5
+    strides of its centre (center sampling), and its largest distance to the box
+    sides falls in its level's range; among several boxes the smallest wins.
+    points (P, 2); levels (P,); boxes (M, 4) xyxy; labels (M,). Returns the
+    matched index (P,) and the regression targets (P, 4) = (l, t, r, b).
+    """
+    P = points.shape[0]
+    if boxes.numel() == 0:
+        return torch.full((P,), -1, dtype=torch.long, device=points.device), points.new_zeros(P, 4)
+    x, y = points[:, 0, None], points[:, 1, None]                       # (P, 1)
+    x1, y1, x2, y2 = boxes.unbind(1)                                     # (M,)
+    ltrb = torch.stack([x - x1, y - y1, x2 - x, y2 - y], 2)              # (P, M, 4)
+    stride = torch.tensor(STRIDES, device=points.device, dtype=points.dtype)[levels][:, None]
+    radius = stride * CENTER_RADIUS
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    # the centre region, clipped to the box: inside it means inside both
+    in_center = ((x > torch.maximum(x1, cx - radius)) & (x < torch.minimum(x2, cx + radius)) &
+                 (y > torch.maximum(y1, cy - radius)) & (y < torch.minimum(y2, cy + radius)))
+    ranges = torch.tensor(SIZE_RANGES, device=points.device, dtype=points.dtype)[levels]  # (P, 2)
+    reach = ltrb.max(2).values
+    in_range = (reach > ranges[:, :1]) & (reach <= ranges[:, 1:])
+    area = ((x2 - x1) * (y2 - y1))[None].expand(P, -1)
+    area = torch.where(in_center & in_range, area, torch.full_like(area, math.inf))
+    best_area, matched = area.min(1)                                     # smallest box wins
+    matched = torch.where(torch.isinf(best_area), torch.full_like(matched, -1), matched)
+    return matched, ltrb[torch.arange(P, device=points.device), matched.clamp_min(0)]
+
+
+def centerness_target(ltrb):
+    """sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)), FCOS Eq. 3."""
+    lr, tb = ltrb[:, 0::2], ltrb[:, 1::2]
+    return torch.sqrt((lr.min(1).values / lr.max(1).values) * (tb.min(1).values / tb.max(1).values))
+
+
+def ltrb_to_boxes(points, ltrb):
+    return torch.cat([points - ltrb[:, :2], points + ltrb[:, 2:]], 1)
+
+
+def mean_over_ranks(value):
+    """A loss normaliser averaged over all processes, as FCOS does under DDP."""
+    value = value.detach().float()
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+# -----------------------------------------------------------------------------
+# The detector
+
+class FCOS(nn.Module):
+    """FCOS with a choice of head. Images: a list of float (3, H, W) tensors in
+    [0, 1]. Train mode: model(images, targets) -> dict of losses. Eval mode:
+    model(images) -> one dict per image: boxes (xyxy, in the image's own
+    coordinates), scores, labels, and MACs (head executed / full, backbone+FPN).
+
+    head: "fcos" (4-conv towers), "fixed" (routing towers, all paths on, Tab. 1) or
+        "dynamic"; depth, tau, activation, coarse, paths: as in dynhead.DynamicHead.
+    lam: lambda of Eq. 6, the weight of the budget loss.
+    pretrained_backbone: True (torchvision's ImageNet weights), False, or a file.
+    channels: FPN and head width (the paper: 256).
+    """
+
+    def __init__(self, num_classes, backbone="resnet50", head="dynamic", depth=8, lam=0.4, tau=1.5,
+                 activation="proposed", coarse=False, paths=("depth", "scale"), pretrained_backbone=True,
+                 min_size=800, max_size=1333, channels=256):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes, self.lam, self.head = num_classes, lam, head
+        self.min_size, self.max_size = min_size, max_size
+        self.backbone = build_backbone(backbone, pretrained_backbone, channels)
+        if head == "fcos":
+            self.cls_tower, self.reg_tower = ConvTower(channels), ConvTower(channels)
+        else:
+            make = lambda: DynamicHead(channels, depth, len(STRIDES), mode=head, paths=paths,
+                                       activation=activation, tau=tau, coarse=coarse)
+            self.cls_tower, self.reg_tower = make(), make()
+        self.predictors = Predictors(channels, num_classes, len(STRIDES))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        self.head_mac_ratio = None  # executed / full head MACs of the last batch, for logging
+        self._backbone_macs = {}
+
+    # -- input -------------------------------------------------------------------
+
+    def preprocess(self, images, targets=None):
+        """Normalise, resize (shorter side min_size, longer at most max_size), pad
+        to a multiple of 32. Returns the batch, each image's resized size and scale,
+        and the targets in resized coordinates."""
+        if not isinstance(images, (list, tuple)) or not images:
+            raise ValueError("images must be a non-empty list of (3, H, W) float tensors in [0, 1]")
+        resized, sizes, scales = [], [], []
+        for i, img in enumerate(images):
+            if img.dim() != 3 or img.shape[0] != 3 or not img.is_floating_point():
+                raise ValueError(f"image {i}: expected a float (3, H, W) tensor in [0, 1], "
+                                 f"got {img.dtype} {tuple(img.shape)}")
+            h, w = img.shape[-2:]
+            scale = min(self.min_size / min(h, w), self.max_size / max(h, w))
+            size = (round(h * scale), round(w * scale))
+            img = (img.to(self.mean.device) - self.mean) / self.std
+            img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
+            resized.append(img), sizes.append(size), scales.append((size[1] / w, size[0] / h))
+        H = math.ceil(max(s[0] for s in sizes) / 32) * 32
+        W = math.ceil(max(s[1] for s in sizes) / 32) * 32
+        batch = resized[0].new_zeros(len(images), 3, H, W)
+        for img, b in zip(resized, batch):
+            b[:, :img.shape[1], :img.shape[2]].copy_(img)
+        if targets is not None:
+            targets = [self.check_target(t, i, s) for i, (t, s) in enumerate(zip(targets, scales))]
+        return batch, sizes, scales, targets
+
+    def check_target(self, target, i, scale):
+        boxes, labels = target["boxes"].to(self.mean.device).float(), target["labels"].to(self.mean.device)
+        if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
+            raise ValueError(f"target {i}: expected boxes (N, 4) xyxy and labels (N,), "
+                             f"got {tuple(boxes.shape)} and {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"target {i}: labels must lie in [0, {self.num_classes}), "
+                             f"got {labels.min().item()}..{labels.max().item()}")
+        degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if degenerate.any():
+            warnings.warn(f"target {i}: dropped {degenerate.sum().item()} degenerate box(es) "
+                          f"of zero or negative width/height")
+        keep = ~degenerate
+        if "iscrowd" in target:  # crowd regions are not targets
+            keep &= target["iscrowd"].to(keep.device) == 0
+        sx, sy = scale
+        return {"boxes": boxes[keep] * boxes.new_tensor([sx, sy, sx, sy]), "labels": labels[keep].long()}
+
+    # -- forward -----------------------------------------------------------------
+
+    def forward(self, images, targets=None):
+        if self.training and targets is None:
+            raise ValueError("in training mode, pass targets: one dict with 'boxes' and 'labels' per image")
+        batch, sizes, scales, targets = self.preprocess(images, targets)
+        features = list(self.backbone(batch).values())  # P3..P7, each (B, C, H_l, W_l)
+        cls, box, ctr = self.predictors(self.cls_tower(features), self.reg_tower(features))
+        executed, full = self.head_macs(features)
+        self.head_mac_ratio = (executed.sum() / full.sum()).item()
+        points, levels = locations([f.shape[-2:] for f in features], batch.device)
+        if self.training:
+            return self.losses(cls, box, ctr, points, levels, targets)
+        results = self.detect(cls, box, ctr, points, levels, sizes, scales)
+        backbone = self.backbone_macs(batch.shape[-2:])
+        for r, e, f in zip(results, executed.tolist(), full.tolist()):
+            r.update(head_macs=e, head_macs_full=f, backbone_macs=backbone)
+        return results
+
+    # -- losses (FCOS §3, Eq. 6 of the paper) ----------------------------------------
+
+    def losses(self, cls, box, ctr, points, levels, targets):
+        labels, reg_targets = [], []
+        for t in targets:
+            matched, ltrb = assign_targets(points, levels, t["boxes"], t["labels"])
+            if t["labels"].numel():  # class of the matched box, -1 for background
+                matched = torch.where(matched >= 0, t["labels"][matched.clamp_min(0)], matched)
+            labels.append(matched)
+            reg_targets.append(ltrb)
+        labels, reg_targets = torch.stack(labels), torch.stack(reg_targets)  # (B, P), (B, P, 4)
+        pos = labels >= 0
+        num_pos = mean_over_ranks(pos.sum()).clamp_min(1.0)
+        onehot = torch.zeros_like(cls)
+        onehot[pos] = F.one_hot(labels[pos], self.num_classes).to(cls.dtype)
+        loss_cls = sigmoid_focal_loss(cls, onehot, alpha=0.25, gamma=2.0, reduction="sum") / num_pos
+        p_points = points[None].expand(len(targets), -1, -1)[pos]
+        ctr_target = centerness_target(reg_targets[pos])
+        if pos.any():
+            giou = generalized_box_iou_loss(ltrb_to_boxes(p_points, box[pos].float()),
+                                            ltrb_to_boxes(p_points, reg_targets[pos]), reduction="none")
+            loss_box = (giou * ctr_target).sum() / mean_over_ranks(ctr_target.sum()).clamp_min(1e-6)
+            loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos].float(), ctr_target, reduction="sum") / num_pos
+        else:  # no positives: zero losses that keep the predictors in the graph (DDP)
+            loss_box, loss_ctr = box.sum() * 0, ctr.sum() * 0
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box, "loss_centerness": loss_ctr,
+                "loss_budget": self.lam * self.budget(cls)}
+
+    def budget(self, like):
+        """Eq. 5 over the whole head: both towers have the same full cost, so the
+        ratio of the summed costs is the mean of the two towers' ratios."""
+        if self.head != "dynamic":
+            return like.sum() * 0
+        return ((self.cls_tower.cost.soft + self.reg_tower.cost.soft) / 2).mean()
+
+    # -- inference (FCOS §3, DESIGN §6) -------------------------------------------
+
+    @torch.no_grad()
+    def detect(self, cls, box, ctr, points, levels, sizes, scales, score_thresh=0.05, top_per_level=1000,
+               nms_iou=0.6, max_detections=100):
+        """Per image: score sqrt(cls * centerness) > 0.05, the best 1000 per level,
+        boxes clipped to the image, class-wise NMS at IoU 0.6, the best 100, mapped
+        back to the input image's coordinates."""
+        results = []
+        for i in range(cls.shape[0]):
+            scores = torch.sqrt(torch.sigmoid(cls[i].float()) * torch.sigmoid(ctr[i].float())[:, None])  # (P, K)
+            boxes_all, scores_all, labels_all = [], [], []
+            for level in range(len(STRIDES)):
+                at = levels == level
+                s = scores[at]
+                keep = (s > score_thresh).nonzero()  # (n, 2): cell, class
+                top = s[keep[:, 0], keep[:, 1]].topk(min(top_per_level, len(keep)))
+                keep = keep[top.indices]
+                boxes_all.append(ltrb_to_boxes(points[at][keep[:, 0]], box[i][at][keep[:, 0]].float()))
+                scores_all.append(top.values), labels_all.append(keep[:, 1])
+            boxes, scores_i, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+            h, w = sizes[i]
+            boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
+                                 boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1)
+            keep = batched_nms(boxes, scores_i, labels, nms_iou)[:max_detections]
+            sx, sy = scales[i]
+            results.append({"boxes": boxes[keep] / boxes.new_tensor([sx, sy, sx, sy]),
+                            "scores": scores_i[keep], "labels": labels[keep]})
+        return results
+
+    # -- FLOPs (Tab. 1's columns) --------------------------------------------------
+
+    def head_macs(self, features):
+        """Per image (B,): executed and full MACs of the head: both towers and the
+        predictors (which run everywhere)."""
+        pixels = sum(f.shape[-2] * f.shape[-1] for f in features)
+        pred = pixels * self.predictors.macs_per_pixel
+        if self.head == "fcos":
+            (e1, f1), (e2, f2) = self.cls_tower.cost, self.reg_tower.cost
+        else:
+            c, r = self.cls_tower.cost, self.reg_tower.cost
+            (e1, f1), (e2, f2) = (c.executed, c.full), (r.executed, r.full)
+        return e1 + e2 + pred, f1 + f2 + pred
+
+    def backbone_macs(self, size):
+        """MACs of backbone + FPN for one padded input size, counted once per size."""
+        size = tuple(size)
+        if size not in self._backbone_macs:
+            from torch.utils.flop_counter import FlopCounterMode
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                self.backbone(self.mean.new_zeros(1, 3, *size))
+            self._backbone_macs[size] = counter.get_total_flops() / 2  # FLOPs count a MAC as 2
+        return self._backbone_macs[size]

@@ -1,0 +1,189 @@
+"""sparse.py against the dense computation: F.conv2d times the mask, a masked
+GroupNorm computed per image, and the head's dense reference kernels."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dynhead
+import sparse
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def always_sparse(monkeypatch):
+    """Turn the dispatch rule off: every masked conv gathers, however dense."""
+    monkeypatch.setattr(sparse, "DENSE_ABOVE", {k: 1.0 for k in sparse.DENSE_ABOVE})
+    monkeypatch.setattr(sparse, "MIN_PIXELS", 0)
+
+
+def random_masks(shape, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) < density
+
+
+def grads(y, inputs, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g, dtype=y.dtype).to(y.device)
+    return torch.autograd.grad(y, inputs, dy)
+
+
+def assert_close(a, b, rtol):
+    # relative to the tensor's scale: a sum over 9C products rounds at ~1e-7 of it
+    scale = b.abs().max().clamp_min(1e-12)
+    assert (a - b).abs().max() <= rtol * scale, ((a - b).abs().max().item(), scale.item())
+
+
+CASES = [  # (B, C_in, C_out, H, W, groups)
+    (3, 8, 5, 7, 9, 1),
+    (3, 16, 16, 12, 5, 1),
+    (3, 12, 12, 9, 11, 12),  # depthwise
+    (2, 32, 32, 1, 6, 1),    # one-row map: every tap above and below is outside
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_conv_equals_dense_times_mask(always_sparse, case, density, device):
+    B, Ci, Co, H, W, groups = case
+    g = torch.Generator().manual_seed(sum(case))
+    x = torch.randn(B, Ci, H, W, generator=g).to(device).requires_grad_()
+    w = torch.randn(Co, Ci // groups, 3, 3, generator=g).to(device).requires_grad_()
+    b = torch.randn(Co, generator=g).to(device).requires_grad_()
+    mask = random_masks((B, H, W), density, seed=B * H).to(device)
+    mask[0] = mask[0] if density in (0.0, 1.0) else ~mask[0]  # each image its own mask
+    y = sparse.masked_conv2d(x, mask, w, b, groups=groups)
+    ref = F.conv2d(x, w, b, padding=1, groups=groups) * mask[:, None]
+    assert_close(y, ref, 1e-5)
+    for got, want in zip(grads(y, (x, w, b)), grads(ref, (x, w, b))):
+        assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
+def test_masked_conv_input_layouts(always_sparse, layout):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 16, 10, 12, generator=g)
+    x = base.contiguous(memory_format=torch.channels_last) if layout == "channels_last" \
+        else torch.randn(2, 12, 10, 16, generator=g).transpose(1, 3).transpose(2, 3)[:, :, :, :12]
+    w = torch.randn(8, 16, 3, 3, generator=g)
+    mask = random_masks((2, x.shape[2], x.shape[3]), 0.4, 1)
+    assert_close(sparse.masked_conv2d(x, mask, w), F.conv2d(x, w, padding=1) * mask[:, None], 1e-5)
+
+
+def test_dispatch_gives_the_same_numbers():
+    # the dense fallback (high density) and the gather path (low density) agree
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 16, 20, 20, generator=g), torch.randn(16, 16, 3, 3, generator=g)
+    for density in (0.05, 0.95):
+        mask = random_masks((2, 20, 20), density, 2)
+        assert sparse.use_dense(sparse.ActiveSet(mask), "conv", x) == (density > sparse.DENSE_ABOVE[("cpu", "conv")])
+        assert_close(sparse.masked_conv2d(x, mask, w), F.conv2d(x, w, padding=1) * mask[:, None], 1e-5)
+
+
+def test_chunked_gather_equals_one_chunk(always_sparse, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 8, 15, 15, generator=g), torch.randn(8, 8, 3, 3, generator=g)
+    mask = random_masks((2, 15, 15), 0.5, 4)
+    whole = sparse.masked_conv2d(x, mask, w)
+    monkeypatch.setattr(sparse, "CHUNK_BYTES", 9 * 8 * 4 * 7)  # 7 pixels a chunk
+    assert_close(sparse.masked_conv2d(x, mask, w), whole, 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_group_norm_equals_dense_reference(device):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 16, 7, 9, generator=g).to(device).requires_grad_()
+    w = torch.randn(16, generator=g).to(device).requires_grad_()
+    b = torch.randn(16, generator=g).to(device).requires_grad_()
+    mask = random_masks((3, 7, 9), 0.4, 6).to(device)
+    mask[1] = False  # an image with nothing active
+    y = sparse.masked_group_norm(x, mask, 4, w, b)
+    ref = dynhead.masked_group_norm(x, mask, 4, w, b)
+    assert_close(y, ref, 1e-5)
+    for got, want in zip(grads(y, (x, w, b)), grads(ref, (x, w, b))):
+        assert_close(got, want, 1e-5)
+    # and, all active, torch's own GroupNorm
+    full = torch.ones_like(mask)
+    assert_close(sparse.masked_group_norm(x, full, 4, w, b), F.group_norm(x, 4, w, b), 1e-5)
+
+
+def partly_off_head(device, **kw):
+    """A head whose gates are off at about half the pixels, in blobs and speckles."""
+    torch.manual_seed(0)
+    head = dynhead.DynamicHead(channels=16, depth=2, gn_groups=4, **kw).to(device)
+    for module in head.modules():
+        if isinstance(module, dynhead.SpatialGate):
+            torch.nn.init.normal_(module.conv.weight, std=0.2)
+            torch.nn.init.constant_(module.conv.bias, 0.1)
+        if isinstance(module, dynhead.Router) and module.down is not None:
+            torch.nn.init.constant_(module.alpha, 0.5)
+    return head
+
+
+@pytest.mark.parametrize("kw", [{}, {"paths": ("depth",)}, {"coarse": True}])
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_sparse_equals_dense(always_sparse, kw, device):
+    head = partly_off_head(device, **kw)
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(2, 16, h, w, generator=g).to(device) for h, w in [(24, 20), (12, 10), (6, 5), (3, 3), (2, 2)]]
+    results = []
+    for dense in (True, False):
+        head.dense = dense
+        head.zero_grad()
+        out = head(feats)
+        loss = sum((o * torch.linspace(0, 1, o.shape[-1], device=device)).pow(2).mean() for o in out)
+        (loss + head.cost.soft.mean()).backward()
+        results.append(([o.detach() for o in out], {n: p.grad.clone() for n, p in head.named_parameters()},
+                        head.cost))
+    (out_d, grad_d, cost_d), (out_s, grad_s, cost_s) = results
+    executed = (cost_s.executed / cost_s.full).mean().item()
+    assert 0.2 < executed < 0.9  # the gates really are partly off
+    for a, b in zip(out_s, out_d):
+        assert_close(a, b, 1e-4)
+    for name in grad_d:
+        assert_close(grad_s[name], grad_d[name], 1e-4)
+    assert torch.equal(cost_s.executed, cost_d.executed)
+
+
+def test_head_uses_sparse_kernels_unless_dense():
+    head = dynhead.DynamicHead(channels=16, depth=1, gn_groups=4)
+    assert head.kernels() is sparse
+    head.dense = True
+    assert head.kernels() is dynhead.DenseKernels
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_within_bf16_tolerance(always_sparse, device):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 32, 12, 12, generator=g), torch.randn(32, 32, 3, 3, generator=g) * 0.1
+    mask = random_masks((2, 12, 12), 0.3, 0)
+    ref = F.conv2d(x, w, padding=1) * mask[:, None]
+    y = sparse.masked_conv2d(x.bfloat16().to(device), mask.to(device), w.bfloat16().to(device))
+    assert y.dtype == torch.bfloat16
+    assert_close(y.float().cpu(), ref, 2e-2)  # bf16 keeps 8 bits of mantissa
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 5, 5, dtype=torch.bool), w), r"mask must be \(B, H, W\)"),
+    (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 6, 6), w), "bool"),
+    (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 6, 6, dtype=torch.bool), torch.randn(8, 8, 5, 5)), "3, 3"),
+    (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 6, 6, dtype=torch.bool), torch.randn(8, 4, 3, 3)), "does not fit 8 input"),
+    (lambda x, w: sparse.masked_group_norm(x, torch.ones(1, 6, 6, dtype=torch.bool), 2, None, None), r"mask must be \(B, H, W\)"),
+])
+def test_bad_input(call, match):
+    x, w = torch.randn(2, 8, 6, 6), torch.randn(8, 8, 3, 3)
+    with pytest.raises(ValueError, match=match):
+        call(x, w)
+
+
+@pytest.mark.parametrize("paths", [1, 2])
+def test_gate_conv_equals_conv2d(paths):
+    g = torch.Generator().manual_seed(paths)
+    x = torch.randn(2, 16, 7, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(paths, 16, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(paths, generator=g, dtype=torch.float64, requires_grad=True)
+    y, ref = sparse.gate_conv2d(x, w, b), F.conv2d(x, w, b, padding=1)
+    assert_close(y, ref, 1e-12)
+    for got, want in zip(grads(y, (x, w, b)), grads(ref, (x, w, b))):
+        assert_close(got, want, 1e-12)
