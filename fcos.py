@@ -335,7 +335,7 @@ class FCOS(nn.Module):
         """Eq. 5 over the whole head: both towers have the same full cost, so the
         ratio of the summed costs is the mean of the two towers' ratios."""
         if self.head != "dynamic":
-            return like.sum() * 0
+            return like.new_zeros(())
         return ((self.cls_tower.cost.soft + self.reg_tower.cost.soft) / 2).mean()
 
     # -- inference (FCOS §3, DESIGN §6) -------------------------------------------

@@ -248,6 +248,14 @@ def gate_conv2d(x, weight, bias):
     return out
 
 
+def _group_norm_rows(rows, num_groups, weight, bias, eps):
+    n, C = rows.shape
+    if n * C == num_groups:  # one value per group: it is its own mean (torch refuses this case)
+        return (rows - rows).to(bias.dtype) + bias
+    image = rows.view(1, n, 1, C).permute(0, 3, 1, 2)  # (1, C, n, 1), channels_last: no copy
+    return F.group_norm(image, num_groups, weight, bias, eps).permute(0, 2, 3, 1).reshape(n, C)
+
+
 def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
     """GroupNorm whose statistics are taken over the active pixels of each image
     and group only (DESIGN §4); 0 outside the mask."""
@@ -263,8 +271,7 @@ def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
     # GroupNorm over one image's active pixels is torch's GroupNorm of the (1, C, n, 1)
     # tensor of those pixels: each group's statistics run over its C/G channels x n
     # pixels. Viewed channels_last, that tensor is the (n, C) rows themselves: no copy.
-    normed = [F.group_norm(r.view(1, -1, 1, C).permute(0, 3, 1, 2), num_groups, weight, bias, eps)
-              .permute(0, 2, 3, 1).reshape(-1, C) for r in rows.split(active.counts) if len(r)]
+    normed = [_group_norm_rows(r, num_groups, weight, bias, eps) for r in rows.split(active.counts) if len(r)]
     out = x.new_zeros(B * H * W, C)
     if normed:
         out[active.index] = torch.cat(normed).to(x.dtype)

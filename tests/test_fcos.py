@@ -1,0 +1,247 @@
+"""fcos.py against hand-computed targets, torchvision's losses recomputed by hand,
+and overfitting one synthetic image with each head."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+
+import fcos
+from fcos import FCOS, assign_targets, locations
+
+# -- targets, by hand ----------------------------------------------------------------
+
+
+def grid(size):
+    """Locations of a size x size image (a multiple of 128): P3..P7 sizes."""
+    return locations([(size // s, size // s) for s in fcos.STRIDES], "cpu")
+
+
+def index_of(size, level, x, y):
+    """Flat index of the cell at image point (x, y) on `level`."""
+    offset = sum((size // s) ** 2 for s in fcos.STRIDES[:level])
+    s = fcos.STRIDES[level]
+    return offset + (y // s) * (size // s) + x // s
+
+
+def positives(matched):
+    return set((matched >= 0).nonzero()[:, 0].tolist())
+
+
+def test_small_box_lands_on_p3():
+    points, levels = grid(256)
+    matched, ltrb = assign_targets(points, levels, torch.tensor([[100., 100, 140, 140]]), torch.tensor([0]))
+    # centre (120, 120), radius 1.5 * 8 = 12: P3 points x, y in {116, 124}; on P4 the
+    # candidates reach 36 or more, outside (64, 128]
+    expected = {index_of(256, 0, x, y) for x in (116, 124) for y in (116, 124)}
+    assert positives(matched) == expected
+    i = index_of(256, 0, 116, 124)
+    assert ltrb[i].tolist() == [16, 24, 24, 16]
+
+
+def test_large_box_lands_on_p7():
+    points, levels = grid(1024)
+    matched, _ = assign_targets(points, levels, torch.tensor([[0., 0, 1024, 1024]]), torch.tensor([0]))
+    # centre 512, radius 1.5 * 128 = 192: P7 points {448, 576} reach 576 > 512; P6
+    # points {416, 480, 544} reach at least 544, beyond P6's (256, 512]
+    assert positives(matched) == {index_of(1024, 4, x, y) for x in (448, 576) for y in (448, 576)}
+
+
+def test_smaller_of_two_boxes_wins():
+    points, levels = grid(256)
+    boxes = torch.tensor([[90., 90, 170, 170], [100, 100, 150, 150]])  # B (6400 px), A (2500 px)
+    matched, ltrb = assign_targets(points, levels, boxes, torch.tensor([0, 1]))
+    # (124, 124): in both centre regions, both reaches in P3's range -> the smaller, A
+    assert matched[index_of(256, 0, 124, 124)] == 1
+    assert ltrb[index_of(256, 0, 124, 124)].tolist() == [24, 24, 26, 26]
+    # (140, 140): beyond A's centre region (125 + 12), inside B's (130 +- 12) -> B
+    assert matched[index_of(256, 0, 140, 140)] == 0
+
+
+def test_center_sampling_cuts_at_1_5_strides():
+    points, levels = grid(256)
+    matched, _ = assign_targets(points, levels, torch.tensor([[0., 0, 60, 20]]), torch.tensor([0]))
+    # centre (30, 10), radius 12: x in (18, 42), y in (0, 20) -> x {20, 28, 36}, y {4, 12}
+    assert positives(matched) == {index_of(256, 0, x, y) for x in (20, 28, 36) for y in (4, 12)}
+    # (44, 12) lies inside the box with reach 44 in P3's range, but 14 px from the centre
+    assert matched[index_of(256, 0, 44, 12)] == -1
+
+
+def test_crowd_and_degenerate_boxes_are_not_targets():
+    model = FCOS(3, backbone="resnet18", head="fcos", pretrained_backbone=False, min_size=64, max_size=64)
+    target = {"boxes": torch.tensor([[0., 0, 10, 10], [5, 5, 30, 30], [8, 8, 8, 20]]),
+              "labels": torch.tensor([0, 1, 2]), "iscrowd": torch.tensor([0, 1, 0])}
+    with pytest.warns(UserWarning, match="dropped 1 degenerate box"):
+        kept = model.check_target(target, 0, (2.0, 2.0))
+    assert kept["boxes"].tolist() == [[0, 0, 20, 20]] and kept["labels"].tolist() == [0]
+
+
+def test_no_boxes_means_all_background():
+    points, levels = grid(256)
+    matched, _ = assign_targets(points, levels, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    assert (matched == -1).all()
+
+
+# -- losses against an independent recomputation ----------------------------------
+
+
+def test_losses_match_recomputation():
+    torch.manual_seed(0)
+    model = FCOS(2, backbone="resnet18", head="dynamic", depth=1, lam=0.3, pretrained_backbone=False,
+                 min_size=128, max_size=128, channels=32)
+    img = torch.rand(3, 128, 128)
+    target = {"boxes": torch.tensor([[10., 12, 50, 40], [60, 30, 120, 110]]), "labels": torch.tensor([1, 0])}
+    losses = model([img], [target])
+
+    # the same forward, step by step, then every loss by hand
+    batch, _, _, targets = model.preprocess([img], [target])
+    features = list(model.backbone(batch).values())
+    cls, box, ctr = model.predictors(model.cls_tower(features), model.reg_tower(features))
+    points, levels = locations([f.shape[-2:] for f in features], "cpu")
+    matched, ltrb = assign_targets(points, levels, targets[0]["boxes"], targets[0]["labels"])
+    pos = (matched >= 0).nonzero()[:, 0].tolist()
+    assert len(pos) > 5
+    onehot = torch.zeros(cls.shape[1], 2)
+    for i in pos:
+        onehot[i, target["labels"][matched[i]]] = 1
+    focal = sigmoid_focal_loss(cls[0], onehot, alpha=0.25, gamma=2.0, reduction="none").sum() / len(pos)
+    giou, ctr_sum, bce = 0.0, 0.0, 0.0
+    for i in pos:
+        l, t, r, b = ltrb[i].tolist()
+        c = math.sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))  # FCOS's centerness
+        px, py = points[i].tolist()
+        pl, pt, pr, pb = box[0, i].tolist()
+        pred, true = torch.tensor([[px - pl, py - pt, px + pr, py + pb]]), torch.tensor([[px - l, py - t, px + r, py + b]])
+        giou += c * generalized_box_iou_loss(pred, true).item()
+        ctr_sum += c
+        p = torch.sigmoid(ctr[0, i]).item()
+        bce += -(c * math.log(p) + (1 - c) * math.log(1 - p))
+    soft = (model.cls_tower.cost.soft + model.reg_tower.cost.soft).item() / 2
+    assert losses["loss_cls"].item() == pytest.approx(focal.item(), rel=1e-5)
+    assert losses["loss_box_reg"].item() == pytest.approx(giou / ctr_sum, rel=1e-5)
+    assert losses["loss_centerness"].item() == pytest.approx(bce / len(pos), rel=1e-5)
+    assert losses["loss_budget"].item() == pytest.approx(0.3 * soft, rel=1e-6)
+
+
+def test_image_without_boxes_trains():
+    model = FCOS(2, backbone="resnet18", head="dynamic", depth=1, pretrained_backbone=False,
+                 min_size=64, max_size=64, channels=32)
+    losses = model([torch.rand(3, 64, 80)], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_box_reg"].item() == 0 and losses["loss_cls"].item() > 0
+
+
+@pytest.mark.parametrize("images,targets,match", [
+    ([torch.rand(1, 32, 32)], None, r"float \(3, H, W\)"),
+    ([torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)], None, r"float \(3, H, W\)"),
+    ([torch.rand(3, 32, 32)], [{"boxes": torch.tensor([[0., 0, 5, 5]]), "labels": torch.tensor([7])}], r"labels must lie in \[0, 2\)"),
+    ([torch.rand(3, 32, 32)], [{"boxes": torch.tensor([0., 0, 5, 5]), "labels": torch.tensor([0])}], r"boxes \(N, 4\)"),
+])
+def test_bad_input(images, targets, match):
+    model = FCOS(2, backbone="resnet18", head="fcos", pretrained_backbone=False, min_size=32, max_size=32, channels=32)
+    with pytest.raises(ValueError, match=match):
+        model(images, targets) if targets is not None else model.eval()(images)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown head"):
+        FCOS(2, head="retina", pretrained_backbone=False)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        FCOS(2, backbone="vgg16", pretrained_backbone=False)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        FCOS(2, backbone="resnet18", pretrained_backbone="missing/resnet18.pth")
+
+
+# -- overfitting one image ----------------------------------------------------------
+
+
+def scene():
+    """One 192x192 image, three boxes whose resized (x2) sizes fall in P3, P4, P5's ranges."""
+    g = torch.Generator().manual_seed(0)
+    img = 0.3 + 0.1 * torch.rand(3, 192, 192, generator=g)
+    boxes = torch.tensor([[150., 20, 175, 45], [100, 100, 180, 180], [10, 50, 160, 180]])
+    colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.2, 0.3, 0.9]])
+    for j in (2, 1, 0):  # the largest first, the others drawn over it
+        x1, y1, x2, y2 = boxes[j].int().tolist()
+        img[:, y1:y2, x1:x2] = colours[j][:, None, None]
+    return img, {"boxes": boxes, "labels": torch.tensor([0, 1, 2])}
+
+
+def overfit(head, lam, steps=200):
+    torch.manual_seed(0)
+    img, target = scene()
+    model = FCOS(3, backbone="resnet18", head=head, depth=2, lam=lam, pretrained_backbone=False,
+                 min_size=384, max_size=384, channels=128)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    history = []
+    for _ in range(steps):
+        loss = sum(model([img], [target]).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    return model.eval(), history
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return {"dynamic": overfit("dynamic", 0.4), "fcos": overfit("fcos", 0.0)}
+
+
+def assert_finds_all(model):
+    img, target = scene()
+    with torch.no_grad():
+        det = model([img])[0]
+    iou = box_iou(target["boxes"], det["boxes"])
+    for j in range(3):
+        hit = (iou[j] >= 0.7) & (det["labels"] == j) & (det["scores"] >= 0.3)
+        assert hit.any(), f"box {j} not found: best IoU {iou[j].max():.2f}"
+
+
+@pytest.mark.parametrize("head", ["dynamic", "fcos"])
+def test_overfit_finds_all_three_boxes(trained, head):
+    model, history = trained[head]
+    assert history[-1] < 0.5 * history[0]
+    assert_finds_all(model)
+
+
+def test_fixed_head_trains():
+    model, history = overfit("fixed", 0.0, steps=8)
+    assert all(math.isfinite(h) for h in history) and history[-1] < history[0]
+
+
+def test_budget_lowers_executed_macs(trained):
+    dynamic, _ = trained["dynamic"]
+    no_budget, _ = overfit("dynamic", 0.0)
+    img, _ = scene()
+    with torch.no_grad():
+        with_lam, without = dynamic([img])[0], no_budget([img])[0]
+    ratio = lambda d: d["head_macs"] / d["head_macs_full"]
+    assert ratio(with_lam) < ratio(without) - 0.1
+    assert_finds_all(no_budget)
+
+
+def test_batch_equals_single_images(trained):
+    model, _ = trained["dynamic"]
+    model.max_size = 640  # so that the wider image keeps the trained scale (x2)
+    img, _ = scene()
+    wide = torch.cat([img, img[:, :, :64]], 2)  # 192 x 256: the scene and a strip of it again
+    with torch.no_grad():
+        batched = model([img, wide])
+        alone = [model([img])[0], model([wide])[0]]
+    # the wide image fills the padded batch: nothing differs, to float tolerance
+    b, a = batched[1], alone[1]
+    assert torch.allclose(b["boxes"], a["boxes"], atol=1e-3) and torch.allclose(b["scores"], a["scores"], atol=1e-5)
+    assert torch.equal(b["labels"], a["labels"]) and (a["scores"] > 0.3).sum() >= 3
+    # the square one is padded on the right in the batch: as in any FPN detector, the
+    # padding reaches the features near that border (conv fields, FPN's top-down path,
+    # GroupNorm statistics), so its detections move a little, but they are the same ones
+    b, a = batched[0], alone[0]
+    strong_b, strong_a = b["scores"] > 0.3, a["scores"] > 0.3
+    assert strong_a.sum() >= 3 and strong_b.sum() == strong_a.sum()
+    assert torch.equal(b["labels"][strong_b], a["labels"][strong_a])
+    assert torch.allclose(b["scores"][strong_b], a["scores"][strong_a], atol=0.05)
+    assert box_iou(b["boxes"][strong_b], a["boxes"][strong_a]).diagonal().min() > 0.85
