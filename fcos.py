@@ -48,14 +48,18 @@ HEADS = ("fcos", "fixed", "dynamic")
 
 def build_backbone(name, pretrained, channels):
     """ResNet with frozen BatchNorm, stem and first stage frozen, FPN on C3-C5, and
-    P6 / P7 by stride-2 3x3 convs on C5 and relu(P6) (DESIGN §6)."""
+    P6 / P7 by stride-2 3x3 convs on C5 and relu(P6) (DESIGN §6).
+
+    Without pretrained weights nothing is frozen and BatchNorm trains, as in
+    torchvision's detectors: frozen random layers would only hold training back."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
-    resnet = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
+    norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm)
     if pretrained:
         resnet.load_state_dict(imagenet_weights(name, pretrained))
-    for part in (resnet.conv1, resnet.layer1):  # stem and first stage stay frozen
-        part.requires_grad_(False)
+        for part in (resnet.conv1, resnet.layer1):  # stem and first stage stay frozen (§3.1)
+            part.requires_grad_(False)
     c5 = resnet.fc.in_features  # 512 (resnet18/34) or 2048
     in_channels = [c5 // 4, c5 // 2, c5]
     return BackboneWithFPN(resnet, {"layer2": "c3", "layer3": "c4", "layer4": "c5"}, in_channels, channels,

@@ -249,6 +249,9 @@ def gate_conv2d(x, weight, bias):
 
 
 def _group_norm_rows(rows, num_groups, weight, bias, eps):
+    """GroupNorm over one image's active pixels is torch's GroupNorm of the (1, C, n, 1)
+    tensor of those pixels: each group's statistics run over its C/G channels x n
+    pixels. Viewed channels_last, that tensor is the (n, C) rows themselves."""
     n, C = rows.shape
     if n * C == num_groups:  # one value per group: it is its own mean (torch refuses this case)
         return (rows - rows).to(bias.dtype) + bias
@@ -268,11 +271,8 @@ def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
     if C % num_groups:
         raise ValueError(f"{C} channels are not divisible into {num_groups} groups")
     rows = _rows(x).index_select(0, active.index)  # (N, C), image by image (the index is sorted)
-    # GroupNorm over one image's active pixels is torch's GroupNorm of the (1, C, n, 1)
-    # tensor of those pixels: each group's statistics run over its C/G channels x n
-    # pixels. Viewed channels_last, that tensor is the (n, C) rows themselves: no copy.
-    normed = [_group_norm_rows(r, num_groups, weight, bias, eps) for r in rows.split(active.counts) if len(r)]
     out = x.new_zeros(B * H * W, C)
-    if normed:
-        out[active.index] = torch.cat(normed).to(x.dtype)
+    for image_rows, image_index in zip(rows.split(active.counts), active.index.split(active.counts)):
+        if len(image_rows):
+            out[image_index] = _group_norm_rows(image_rows, num_groups, weight, bias, eps).to(x.dtype)
     return out.view(B, H, W, C).permute(0, 3, 1, 2)

@@ -1,0 +1,156 @@
+"""
+COCO evaluation of FCOS with the dynamic head: pycocotools' mAP and the FLOPs
+columns of Tab. 1 (head MACs per image: average, min, max; and the total with
+backbone + FPN), in units of 1e9 MACs ("GFLOPs" as detectron2 and fvcore count).
+
+    python eval.py --checkpoint output/model_final.pth [--data synthetic] [--visualize 8]
+    torchrun --nproc_per_node 8 eval.py --checkpoint model_final.pth --data-root datasets/coco
+
+Each rank evaluates a shard of the images, one image at a time (as the paper
+tests); rank 0 gathers the detections and runs COCOeval. --visualize N writes
+PNGs of N images with their detections, and of the spatial gates of the
+dynamic head per depth step and level (Fig. 4).
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pycocotools.cocoeval import COCOeval
+from torchvision.io import write_png
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+import data
+from fcos import FCOS
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+MODEL_KEYS = ("backbone", "head", "depth", "lam", "tau", "activation", "coarse", "paths", "min_size",
+              "max_size", "channels")
+
+
+def build_model(args, num_classes, pretrained_backbone=None):
+    """The model a run's arguments (a dict) describe."""
+    kw = {k: args[k] for k in MODEL_KEYS}
+    kw["paths"] = tuple(kw["paths"])
+    pretrained = args["pretrained_backbone"] if pretrained_backbone is None else pretrained_backbone
+    return FCOS(num_classes, pretrained_backbone=pretrained, **kw)
+
+
+def val_dataset(kind, root):
+    split = "val2017" if kind == "coco" else "val"
+    return data.CocoDetection(*data.coco_paths(root, split), train=False)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, device, workers=2, visualize=0, output_dir=None):
+    """mAP and MACs on `dataset`, sharded over the ranks. Returns the results dict
+    on rank 0 (None elsewhere): the 12 COCOeval numbers and the FLOPs columns."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    model.eval()
+    detections, macs = [], []
+    for n, (images, targets) in enumerate(data.eval_loader(dataset, rank, world, workers)):
+        out = model([img.to(device) for img in images])[0]
+        image_id = targets[0]["image_id"]
+        for box, score, label in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
+            x1, y1, x2, y2 = box
+            detections.append({"image_id": image_id, "category_id": dataset.label_to_category[label],
+                               "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+        macs.append((out["head_macs"], out["backbone_macs"]))
+        if rank == 0 and n < visualize:
+            save_visualization(model, images[0], out, dataset.class_names, os.path.join(output_dir, "visualize"),
+                               image_id)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (detections, macs))
+        detections = [d for part in gathered for d in part[0]]
+        macs = [m for part in gathered for m in part[1]]
+    if rank != 0:
+        return None
+    results = coco_stats(dataset.coco, detections)
+    head = torch.tensor([m[0] for m in macs], dtype=torch.float64) / 1e9
+    total = head + torch.tensor([m[1] for m in macs], dtype=torch.float64) / 1e9
+    results.update(head_gflops_avg=head.mean().item(), head_gflops_min=head.min().item(),
+                   head_gflops_max=head.max().item(), total_gflops_avg=total.mean().item())
+    print(f"FLOPs (1e9 MACs per image, {len(macs)} images): head avg {results['head_gflops_avg']:.2f} "
+          f"(min {results['head_gflops_min']:.2f}, max {results['head_gflops_max']:.2f}); "
+          f"total avg {results['total_gflops_avg']:.2f}")
+    if output_dir:
+        with open(os.path.join(output_dir, "detections.json"), "w") as f:
+            json.dump(detections, f)
+    return results
+
+
+def coco_stats(coco, detections):
+    """Run COCOeval (bbox) and print its summary; the 12 numbers by name."""
+    if not detections:  # pycocotools cannot load an empty result list
+        print("no detections: every AP and AR is 0")
+        return {name: 0.0 for name in STAT_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco.loadRes(detections)
+    evaluator = COCOeval(coco, coco_dt, "bbox")  # over every image of the split
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        evaluator.accumulate()
+    evaluator.summarize()
+    return {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats)}
+
+
+def save_visualization(model, image, out, class_names, output_dir, image_id):
+    """The image with its detections above 0.3, and the gate maps of Fig. 4."""
+    os.makedirs(output_dir, exist_ok=True)
+    keep = out["scores"] > 0.3
+    labels = [f"{class_names[l]} {s:.2f}" for l, s in zip(out["labels"][keep].tolist(), out["scores"][keep].tolist())]
+    drawn = draw_bounding_boxes((image * 255).to(torch.uint8), out["boxes"][keep].cpu(), labels, width=2)
+    write_png(drawn, os.path.join(output_dir, f"{image_id}_detections.png"))
+    for branch in ("cls_tower", "reg_tower"):
+        gates = getattr(getattr(getattr(model, "module", model), branch), "gates", None)
+        if gates:
+            write_png(gate_grid(gates), os.path.join(output_dir, f"{image_id}_gates_{branch[:3]}.png"))
+
+
+def gate_grid(gates, path="depth"):
+    """Rows: depth steps; columns: levels P3..P7, each upsampled to P3's size.
+    White = gate 1, black = 0 (skipped)."""
+    size = gates[0][path][0].shape[-2:]
+    tiles = [F.interpolate(level[:1].float(), size=size, mode="nearest")[0]
+             for step in gates for level in step[path]]
+    grid = make_grid(tiles, nrow=len(gates[0][path]), padding=2, pad_value=0.5)
+    return (grid[:1].clamp(0, 1) * 255).to(torch.uint8).cpu()
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on COCO val (or the synthetic val split)")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", choices=("coco", "synthetic"), help="default: the checkpoint's")
+    parser.add_argument("--data-root", help="default: the checkpoint's")
+    parser.add_argument("--output-dir", help="default: the checkpoint's folder")
+    parser.add_argument("--visualize", type=int, default=0, metavar="N", help="PNGs of the first N images")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    distributed = "RANK" in os.environ
+    device = torch.device(args.device)
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    run = checkpoint["args"]
+    dataset = val_dataset(args.data or run["data"], args.data_root or run["data_root"])
+    model = build_model(run, len(dataset.label_to_category), pretrained_backbone=False)
+    model.load_state_dict(checkpoint["model"])
+    output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
+    results = evaluate(model.to(device), dataset, device, args.workers, args.visualize, output_dir)
+    if results is not None:
+        print(json.dumps(results, indent=1))
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""data.py, train.py and eval.py end to end on a tiny synthetic set: torchrun with
+two CPU processes, checkpoints and exact resume, pycocotools fed correctly, and
+the faults a long run meets."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from pycocotools.cocoeval import COCOeval
+
+import data
+import eval as evaluation
+import fcos
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--data", "synthetic", "--backbone", "resnet18", "--channels", "32", "--depth", "1",
+        "--min-size", "96", "--max-size", "128", "--ims-per-batch", "2", "--workers", "0",
+        "--warmup", "2", "--steps", "100"]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    data.make_synthetic(str(root), num_train=8, num_val=4, seed=1, size=(96, 128))
+    return str(root)
+
+
+# -- the synthetic generator ----------------------------------------------------------
+
+def test_synthetic_is_deterministic_and_boxes_lie_inside(tmp_path):
+    for name in ("a", "b"):
+        data.make_synthetic(str(tmp_path / name), num_train=3, num_val=2, seed=7, size=(64, 80))
+    for split in ("train", "val"):
+        a = json.loads((tmp_path / "a" / "annotations" / f"instances_{split}.json").read_text())
+        assert a == json.loads((tmp_path / "b" / "annotations" / f"instances_{split}.json").read_text())
+        for img in a["images"]:
+            assert (tmp_path / "a" / split / img["file_name"]).read_bytes() == \
+                   (tmp_path / "b" / split / img["file_name"]).read_bytes()
+        for ann in a["annotations"]:
+            x, y, w, h = ann["bbox"]
+            assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 80 and y + h <= 64
+    assert len({ann["category_id"] for ann in a["annotations"]}) >= 2
+
+
+def test_dataset_reads_boxes_and_flips(tiny_root):
+    ds = data.CocoDetection(*data.coco_paths(tiny_root, "train"), train=True)
+    image, target = ds[0]
+    flipped, ftarget = ds[(0, True)]
+    assert image.shape == (3, 96, 128) and 0 <= image.min() and image.max() <= 1
+    assert torch.equal(flipped, image.flip(-1))
+    x1, y1, x2, y2 = target["boxes"].unbind(1)
+    assert torch.equal(ftarget["boxes"], torch.stack([128 - x2, y1, 128 - x1, y2], 1))
+
+
+def test_ranks_see_disjoint_images(tiny_root):
+    ds = data.CocoDetection(*data.coco_paths(tiny_root, "train"), train=True)
+    seen = []
+    for rank in range(2):
+        batches = iter(data.TrainBatches(ds, 1, seed=3, rank=rank, world_size=2))
+        seen.append([next(batches)[0][0] for _ in range(len(ds) // 2)])  # one epoch's shard
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(len(ds)))
+
+
+# -- the evaluator is fed correctly -----------------------------------------------------
+
+class Oracle(torch.nn.Module):
+    """Returns the ground truth of each image (in the model's output convention),
+    shifted by `shift` pixels."""
+
+    def __init__(self, dataset, shift=0.0):
+        super().__init__()
+        self.dataset, self.shift, self.seen = dataset, shift, 0
+
+    def forward(self, images):
+        _, target = self.dataset[self.seen]
+        self.seen += 1
+        n = len(target["labels"])
+        return [{"boxes": target["boxes"] + self.shift, "scores": torch.linspace(1, 0.5, n),
+                 "labels": target["labels"], "head_macs": 2e9, "head_macs_full": 4e9, "backbone_macs": 1e9}]
+
+
+def test_ground_truth_detections_give_ap_1(tiny_root):
+    ds = evaluation.val_dataset("synthetic", tiny_root)
+    results = evaluation.evaluate(Oracle(ds), ds, "cpu", workers=0)
+    assert results["AP"] == pytest.approx(1.0) and results["AP50"] == pytest.approx(1.0)
+    assert results["head_gflops_avg"] == pytest.approx(2.0) and results["total_gflops_avg"] == pytest.approx(3.0)
+
+
+def test_shifted_detections_match_pycocotools(tiny_root, tmp_path):
+    ds = evaluation.val_dataset("synthetic", tiny_root)
+    results = evaluation.evaluate(Oracle(ds, shift=3.0), ds, "cpu", workers=0)
+    # the same detections written by hand in COCO's own format, then pycocotools alone
+    coco = ds.coco
+    dets = []
+    for image_id in sorted(coco.getImgIds()):
+        anns = coco.imgToAnns[image_id]
+        for ann, score in zip(anns, torch.linspace(1, 0.5, len(anns)).tolist()):
+            x, y, w, h = ann["bbox"]
+            dets.append({"image_id": image_id, "category_id": ann["category_id"], "bbox": [x + 3, y + 3, w, h],
+                         "score": score})
+    reference = COCOeval(coco, coco.loadRes(dets), "bbox")
+    reference.evaluate(), reference.accumulate(), reference.summarize()
+    assert 0 < results["AP"] < 1
+    assert [results[n] for n in evaluation.STAT_NAMES] == pytest.approx(list(reference.stats), abs=1e-9)
+
+
+# -- training, checkpoints, resume ------------------------------------------------------
+
+def weights(output_dir, name):
+    return torch.load(os.path.join(output_dir, name), map_location="cpu", weights_only=True)["model"]
+
+
+def test_resume_is_exact(tiny_root, tmp_path):
+    common = TINY + ["--data-root", tiny_root, "--checkpoint-period", "100"]
+    train.main(common + ["--max-iter", "4", "--output-dir", str(tmp_path / "straight")])
+    train.main(common + ["--max-iter", "2", "--output-dir", str(tmp_path / "split")])
+    train.main(common + ["--max-iter", "4", "--output-dir", str(tmp_path / "split"), "--resume"])
+    a, b = weights(tmp_path / "straight", "model_final.pth"), weights(tmp_path / "split", "model_final.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6), k
+    results = json.loads((tmp_path / "split" / "eval_results.json").read_text())
+    assert set(evaluation.STAT_NAMES) | {"head_gflops_avg", "head_gflops_min", "head_gflops_max",
+                                         "total_gflops_avg"} <= set(results)
+
+
+def test_resume_refuses_another_configuration(tiny_root, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--data-root", tiny_root, "--max-iter", "1", "--output-dir", out])
+    with pytest.raises(ValueError, match=r"depth: checkpoint 1, now 2"):
+        train.main(TINY + ["--data-root", tiny_root, "--max-iter", "2", "--output-dir", out, "--resume",
+                           "--depth", "2"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tiny_root, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--data-root", tiny_root, "--max-iter", "1", "--output-dir", out])
+    before = (tmp_path / "run" / "model_final.pth").read_bytes()
+    losses = fcos.FCOS.losses
+    monkeypatch.setattr(fcos.FCOS, "losses", lambda self, *a: {**losses(self, *a), "loss_cls": torch.tensor(float("nan"))})
+    with pytest.raises(FloatingPointError, match="non-finite loss at iteration 1"):
+        train.main(TINY + ["--data-root", tiny_root, "--max-iter", "3", "--output-dir", out, "--resume"])
+    assert (tmp_path / "run" / "model_final.pth").read_bytes() == before
+
+
+def test_missing_dataset_prints_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected layout"):
+        train.main(["--data", "coco", "--data-root", str(tmp_path / "nowhere"), "--pretrained-backbone", "false"])
+
+
+def test_unreadable_image_is_named(tiny_root, tmp_path):
+    import shutil
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_root, root)
+    (root / "train" / "000000.jpg").write_bytes(b"not a jpeg")
+    ds = data.CocoDetection(*data.coco_paths(str(root), "train"), train=True)
+    with pytest.raises(RuntimeError, match="000000.jpg"):
+        ds[0]
+
+
+def run_module(args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw)
+
+
+def test_torchrun_two_processes_train_resume_and_evaluate(tiny_root, tmp_path):
+    out = str(tmp_path / "ddp")
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train.py"]
+    first = run_module(torchrun + TINY + ["--data-root", tiny_root, "--max-iter", "3", "--checkpoint-period", "2",
+                                          "--output-dir", out], timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 process(es)" in first.stdout and os.path.exists(os.path.join(out, "model_0000002.pth"))
+    second = run_module(torchrun + TINY + ["--data-root", tiny_root, "--max-iter", "5", "--output-dir", out,
+                                           "--resume"], timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stdout and "at iteration 3" in second.stdout
+    assert weights(out, "model_final.pth").keys()
+    evaluated = run_module(["eval.py", "--checkpoint", os.path.join(out, "model_final.pth"), "--workers", "0",
+                            "--visualize", "1"], timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in evaluated.stdout
+    pngs = os.listdir(os.path.join(out, "visualize"))
+    assert any(p.endswith("_detections.png") for p in pngs) and any("_gates_" in p for p in pngs)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tiny_root, tmp_path):
+    out = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--data-root", tiny_root, "--max-iter", "100000",
+                             "--output-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until it trains
+        if line.startswith("training"):
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0
+    assert "stopped by signal" in rest
+    saved = (out / "last_checkpoint").read_text()
+    iteration = torch.load(out / saved, weights_only=True)["iteration"]
+    assert iteration > 0 and saved == f"model_{iteration:07d}.pth"
