@@ -15,10 +15,11 @@ import math
 import os
 
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, encode_jpeg
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 COCO_LAYOUT = """expected layout:
     {root}/annotations/instances_train2017.json
@@ -71,7 +72,8 @@ class CocoDetection(torch.utils.data.Dataset):
         image_id = self.ids[index]
         path = os.path.join(self.image_dir, self.coco.imgs[image_id]["file_name"])
         try:
-            image = decode_image(path, mode=ImageReadMode.RGB)
+            with Image.open(path) as f:
+                image = TF.pil_to_tensor(f.convert("RGB"))  # (3, H, W) uint8
         except Exception as error:
             raise RuntimeError(f"could not read image {path}: {error}") from error
         anns = [a for a in self.coco.imgToAnns[image_id] if a["bbox"][2] > 0 and a["bbox"][3] > 0]
@@ -209,8 +211,7 @@ def make_synthetic(root, num_train=600, num_val=100, seed=0, size=(320, 416)):
         for n in range(count):
             image, objects = synthetic_image(seed * 10 ** 7 + offset + n, size)
             name = f"{n:06d}.jpg"
-            with open(os.path.join(root, split, name), "wb") as f:
-                f.write(encode_jpeg(image, quality=92).numpy().tobytes())
+            TF.to_pil_image(image).save(os.path.join(root, split, name), quality=92)
             images.append({"id": n + 1, "file_name": name, "height": size[0], "width": size[1]})
             visible = _visible(objects, size)
             for (kind, x, y, w, h), keep in zip(objects, visible):

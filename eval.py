@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pycocotools.cocoeval import COCOeval
-from torchvision.io import write_png
+from torchvision.transforms.v2.functional import to_pil_image
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 import data
@@ -105,11 +105,11 @@ def save_visualization(model, image, out, class_names, output_dir, image_id):
     keep = out["scores"] > 0.3
     labels = [f"{class_names[l]} {s:.2f}" for l, s in zip(out["labels"][keep].tolist(), out["scores"][keep].tolist())]
     drawn = draw_bounding_boxes((image * 255).to(torch.uint8), out["boxes"][keep].cpu(), labels, width=2)
-    write_png(drawn, os.path.join(output_dir, f"{image_id}_detections.png"))
+    to_pil_image(drawn).save(os.path.join(output_dir, f"{image_id}_detections.png"))
     for branch in ("cls_tower", "reg_tower"):
         gates = getattr(getattr(getattr(model, "module", model), branch), "gates", None)
         if gates:
-            write_png(gate_grid(gates), os.path.join(output_dir, f"{image_id}_gates_{branch[:3]}.png"))
+            to_pil_image(gate_grid(gates)).save(os.path.join(output_dir, f"{image_id}_gates_{branch[:3]}.png"))
 
 
 def gate_grid(gates, path="depth"):

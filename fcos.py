@@ -122,6 +122,10 @@ class Predictors(nn.Module):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
         nn.init.constant_(self.cls.bias, -math.log((1 - 0.01) / 0.01))  # focal loss prior 0.01
+        # Every cell starts with a box one stride to each side (the authors: bias 0). With
+        # bias 0 about half the distances start at relu(.) = 0, and a box of zero width
+        # gets no GIoU gradient to grow, only to shrink: from scratch the branch can die.
+        nn.init.constant_(self.box.bias, 1.0)
         self.scales = nn.Parameter(torch.ones(num_levels))
         self.macs_per_pixel = 9 * channels * (num_classes + 4 + 1)
 

@@ -220,7 +220,7 @@ def test_budget_lowers_executed_macs(trained):
     with torch.no_grad():
         with_lam, without = dynamic([img])[0], no_budget([img])[0]
     ratio = lambda d: d["head_macs"] / d["head_macs_full"]
-    assert ratio(with_lam) < ratio(without) - 0.1
+    assert ratio(with_lam) < 0.5 * ratio(without)
     assert_finds_all(no_budget)
 
 

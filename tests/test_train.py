@@ -120,9 +120,11 @@ def test_resume_is_exact(tiny_root, tmp_path):
     common = TINY + ["--data-root", tiny_root, "--checkpoint-period", "100"]
     train.main(common + ["--max-iter", "4", "--output-dir", str(tmp_path / "straight")])
     train.main(common + ["--max-iter", "2", "--output-dir", str(tmp_path / "split")])
+    halfway = weights(tmp_path / "split", "model_final.pth")
     train.main(common + ["--max-iter", "4", "--output-dir", str(tmp_path / "split"), "--resume"])
     a, b = weights(tmp_path / "straight", "model_final.pth"), weights(tmp_path / "split", "model_final.pth")
     assert a.keys() == b.keys()
+    assert not torch.equal(halfway["predictors.cls.weight"], b["predictors.cls.weight"])  # it did train on
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6), k
     results = json.loads((tmp_path / "split" / "eval_results.json").read_text())
