@@ -31,35 +31,50 @@ Map:
     gate_conv2d               the gates' dense 3x3 conv C -> 1-2, fast on the CPU
     DENSE_ABOVE, use_dense    the dispatch rule
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
 # The dispatch rule: above these densities (fraction of active pixels) the dense
-# conv is faster than gather-scatter; measured by `python bench.py` (README).
+# conv is faster than gather-scatter. CPU: measured by `python bench.py` (README):
+# gathering wins up to 0.5 and loses at 1.0 for the conv; it loses at batch 1 at
+# every density for the memory-bound depthwise conv. CUDA: not measured yet (no GPU
+# was at hand); an estimate from the im2col traffic (~15 KB per active pixel against
+# ~1 KB for a dense conv), to be replaced by bench.py's figures.
 DENSE_ABOVE = {
     ("cpu", "conv"): 0.6,
-    ("cpu", "depthwise"): 0.0,  # memory-bound: gathering 9 taps never beats the dense conv
+    ("cpu", "depthwise"): 0.0,
     ("cuda", "conv"): 0.3,
     ("cuda", "depthwise"): 0.0,
 }
 MIN_PIXELS = 64  # maps with fewer pixels per image run dense: nothing to gain
 CHUNK_BYTES = 8 * 2 ** 20  # bound on one chunk of gathered neighbourhoods (fits in cache)
+MIN_CHUNK_BYTES = 2 * 2 ** 20  # smaller chunks make GEMMs too small to run fast
 
 
 class ActiveSet:
     """A (B, H, W) bool mask, indexed once and reused by every conv and GroupNorm
-    that shares it (one `nonzero`, one host sync, per mask)."""
+    that shares it (on a GPU: two host syncs per mask, `nonzero` and the counts)."""
 
     def __init__(self, mask):
         if mask.dim() != 3 or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a (B, H, W) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
         self.mask = mask
-        B, H, W = mask.shape
         self.index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat b*H*W + y*W + x
-        self.batch = torch.div(self.index, H * W, rounding_mode="floor")  # (N,) image of each pixel
-        self.counts = torch.bincount(self.batch, minlength=B).tolist()  # active pixels per image
         self.density = self.index.numel() / max(1, mask.numel())
         self._taps = None
+
+    @functools.cached_property
+    def batch(self):
+        """(N,) the image of each active pixel."""
+        B, H, W = self.mask.shape
+        return torch.div(self.index, H * W, rounding_mode="floor")
+
+    @functools.cached_property
+    def counts(self):
+        """Active pixels per image, a list of B ints."""
+        return torch.bincount(self.batch, minlength=self.mask.shape[0]).tolist()
 
     def __len__(self):
         return self.index.numel()
@@ -120,12 +135,14 @@ def _gemm(cols, w):
     return out.permute(0, 2, 3, 1).reshape(n, -1)
 
 
-def _chunks(active, C, itemsize):
-    """Yield (start, stop, taps, cut) over the active pixels, bounded by CHUNK_BYTES:
-    the chunk's neighbour indices (n*9,) and the positions among them to zero."""
+def _chunks(active, C, itemsize, out_bytes):
+    """Yield (start, stop, taps, cut) over the active pixels: the chunk's neighbour
+    indices (n*9,) and the positions among them to zero. A chunk of gathered columns
+    stays under CHUNK_BYTES and, on large maps, under a quarter of the output map,
+    so that the sparse path needs no more memory than the dense conv and its mask."""
     taps, outside = active.taps()
     n = len(active)
-    step = max(1, CHUNK_BYTES // (9 * C * itemsize))
+    step = max(1, min(CHUNK_BYTES, max(out_bytes // 4, MIN_CHUNK_BYTES)) // (9 * C * itemsize))
     for start in range(0, max(n, 1), step):  # an empty set still makes one (empty) pass
         stop = min(n, start + step)
         cut = outside[(outside >= 9 * start) & (outside < 9 * stop)] - 9 * start
@@ -160,7 +177,7 @@ class _MaskedConv(torch.autograd.Function):
         else:
             w = weight.permute(0, 2, 3, 1).reshape(C_out, 9 * C)  # (C_out, 9C), taps row-major
         out = x.new_zeros(B * H * W, C_out)
-        for start, stop, taps, cut in _chunks(active, C, x.element_size()):
+        for start, stop, taps, cut in _chunks(active, C, x.element_size(), out.numel() * out.element_size()):
             cols = _gather(rows, taps, cut)
             if depthwise:
                 y = (cols.view(-1, 9, C) * w).sum(1)  # (n, 9, C) -> (n, C)
@@ -186,7 +203,7 @@ class _MaskedConv(torch.autograd.Function):
         w = weight.reshape(C, 9).t() if depthwise else weight.permute(0, 2, 3, 1).reshape(C_out, 9 * C)
         grad_w = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32))
         grad_b = grad_out.new_zeros(C_out, dtype=grad_w.dtype)
-        for start, stop, taps, cut in _chunks(active, C, x.element_size()):
+        for start, stop, taps, cut in _chunks(active, C, x.element_size(), grad_out.numel() * x.element_size()):
             gy = grad_y_all.index_select(0, active.index[start:stop])  # (n, C_out)
             if need_b:
                 grad_b += gy.sum(0)
@@ -228,7 +245,11 @@ def masked_conv2d(x, mask, weight, bias=None, groups=1):
     if use_dense(active, "depthwise" if depthwise else "conv", x):
         y = F.conv2d(x, weight, bias, padding=1, groups=groups)
         return y * active.mask[:, None].to(y.dtype)
-    return _MaskedConv.apply(x, weight, bias, active, depthwise)
+    if torch.is_autocast_enabled(x.device.type):  # AMP: compute in its dtype, as F.conv2d would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return _MaskedConv.apply(x, weight, bias, active, depthwise)
 
 
 def gate_conv2d(x, weight, bias):

@@ -187,3 +187,19 @@ def test_gate_conv_equals_conv2d(paths):
     assert_close(y, ref, 1e-12)
     for got, want in zip(grads(y, (x, w, b)), grads(ref, (x, w, b))):
         assert_close(got, want, 1e-12)
+
+
+def test_autocast_bf16_matches_dense_autocast(always_sparse):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 12, 12, generator=g, requires_grad=True)
+    w = (torch.randn(32, 32, 3, 3, generator=g) * 0.1).requires_grad_()
+    mask = random_masks((2, 12, 12), 0.3, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparse.masked_conv2d(x, mask, w)
+        ref = F.conv2d(x, w, padding=1) * mask[:, None]
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert_close(y.float(), ref.float(), 2e-2)
+    (gx, gw), (rx, rw) = grads(y.float(), (x, w)), grads(ref.float(), (x, w))
+    assert gw.dtype == torch.float32  # the fp32 master weight gets its gradient
+    assert_close(gx, rx, 2e-2)
+    assert_close(gw, rw, 2e-2)

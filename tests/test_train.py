@@ -207,3 +207,11 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_root, tmp_path):
     saved = (out / "last_checkpoint").read_text()
     iteration = torch.load(out / saved, weights_only=True)["iteration"]
     assert iteration > 0 and saved == f"model_{iteration:07d}.pth"
+
+
+def test_amp_on_the_cpu_trains(tiny_root, tmp_path):
+    out = tmp_path / "amp"
+    train.main(TINY + ["--data-root", tiny_root, "--max-iter", "2", "--output-dir", str(out), "--amp"])
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["iteration"] == 2 and all(torch.isfinite(torch.tensor(v)) for k, v in record.items()
+                                            if k.startswith("loss"))
