@@ -37,25 +37,36 @@ import torch
 import torch.nn.functional as F
 
 # The dispatch rule: above these densities (fraction of active pixels) the dense
-# conv is faster than gather-scatter. CPU: measured by `python bench.py` (README):
-# gathering wins up to 0.5 and loses at 1.0 for the conv; it loses at batch 1 at
-# every density for the memory-bound depthwise conv. CUDA: not measured yet (no GPU
-# was at hand); an estimate from the im2col traffic (~15 KB per active pixel against
-# ~1 KB for a dense conv), to be replaced by bench.py's figures.
+# conv is faster than gather-scatter, as measured by `python bench.py` (README).
+# CPU (fp32): gathering wins up to 0.5 and loses at 1.0 for the conv; it loses at
+# every density for the memory-bound depthwise conv. CUDA (H100, bf16, batch 1 and
+# 8): cuDNN's dense conv beat gathering at every density down to 0.05 -- the
+# unfused gather -> GEMM -> scatter moves ~9x the active input through memory and
+# launches a handful of kernels per chunk, each mask costs host syncs, and the
+# dense conv of a P3 map takes only ~0.1-0.4 ms -- so on CUDA every masked conv
+# runs dense (the gather kernel stays exact there and is tested; a fused kernel
+# would be needed to win). The GroupNorm statistics still run over active pixels.
 DENSE_ABOVE = {
     ("cpu", "conv"): 0.6,
     ("cpu", "depthwise"): 0.0,
-    ("cuda", "conv"): 0.3,
+    ("cuda", "conv"): 0.0,
     ("cuda", "depthwise"): 0.0,
 }
 MIN_PIXELS = 64  # maps with fewer pixels per image run dense: nothing to gain
-CHUNK_BYTES = 8 * 2 ** 20  # bound on one chunk of gathered neighbourhoods (fits in cache)
+# One chunk of gathered neighbourhoods: at most CHUNK_BYTES, and at most the output
+# map's size over CHUNK_SHARE (so that gathering needs less memory than the dense
+# conv), but never below MIN_CHUNK_BYTES. CPU: small chunks stay in cache. CUDA:
+# every chunk costs ~6 kernel launches, so fewer, larger ones (bench.py on an H100:
+# 8 MB chunks ran a batch-8 P3 conv at 10% density in 0.50 ms, 32 MB ones in 0.28).
+CHUNK_BYTES = {"cpu": 8 * 2 ** 20, "cuda": 256 * 2 ** 20}
+CHUNK_SHARE = {"cpu": 4, "cuda": 2}
 MIN_CHUNK_BYTES = 2 * 2 ** 20  # smaller chunks make GEMMs too small to run fast
 
 
 class ActiveSet:
     """A (B, H, W) bool mask, indexed once and reused by every conv and GroupNorm
-    that shares it (on a GPU: two host syncs per mask, `nonzero` and the counts)."""
+    that shares it. On a GPU each host sync happens once per mask: `nonzero` here, and
+    for the gather kernel two more in `taps` and `cuts`."""
 
     def __init__(self, mask):
         if mask.dim() != 3 or mask.dtype != torch.bool:
@@ -64,17 +75,13 @@ class ActiveSet:
         self.index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat b*H*W + y*W + x
         self.density = self.index.numel() / max(1, mask.numel())
         self._taps = None
+        self._cuts = {}  # chunk size -> outside taps per chunk
 
     @functools.cached_property
     def batch(self):
         """(N,) the image of each active pixel."""
         B, H, W = self.mask.shape
         return torch.div(self.index, H * W, rounding_mode="floor")
-
-    @functools.cached_property
-    def counts(self):
-        """Active pixels per image, a list of B ints."""
-        return torch.bincount(self.batch, minlength=self.mask.shape[0]).tolist()
 
     def __len__(self):
         return self.index.numel()
@@ -93,6 +100,17 @@ class ActiveSet:
             flat = (self.batch * H * W)[:, None, None] + ny.clamp(0, H - 1) * W + nx.clamp(0, W - 1)
             self._taps = flat.reshape(-1), (~inside).nonzero().squeeze(1)
         return self._taps
+
+    def cuts(self, step):
+        """The outside taps split by chunks of `step` pixels, each relative to its
+        chunk's first tap: one host sync per mask and chunk size, not one per chunk."""
+        if step not in self._cuts:
+            _, outside = self.taps()
+            chunk = torch.div(outside, 9 * step, rounding_mode="floor")
+            num_chunks = max(1, -(-len(self) // step))
+            sizes = torch.bincount(chunk, minlength=num_chunks).tolist()
+            self._cuts[step] = [cut - 9 * step * i for i, cut in enumerate(outside.split(sizes))]
+        return self._cuts[step]
 
 
 def prepare_mask(mask):
@@ -138,15 +156,17 @@ def _gemm(cols, w):
 def _chunks(active, C, itemsize, out_bytes):
     """Yield (start, stop, taps, cut) over the active pixels: the chunk's neighbour
     indices (n*9,) and the positions among them to zero. A chunk of gathered columns
-    stays under CHUNK_BYTES and, on large maps, under a quarter of the output map,
-    so that the sparse path needs no more memory than the dense conv and its mask."""
-    taps, outside = active.taps()
-    n = len(active)
-    step = max(1, min(CHUNK_BYTES, max(out_bytes // 4, MIN_CHUNK_BYTES)) // (9 * C * itemsize))
-    for start in range(0, max(n, 1), step):  # an empty set still makes one (empty) pass
+    stays under CHUNK_BYTES and, on large maps, under a share of the output map, so
+    that the sparse path needs no more memory than the dense conv and its mask."""
+    taps, _ = active.taps()
+    n, device = len(active), taps.device.type
+    cap = CHUNK_BYTES.get(device, CHUNK_BYTES["cuda"])
+    share = CHUNK_SHARE.get(device, CHUNK_SHARE["cuda"])
+    step = max(1, min(cap, max(out_bytes // share, MIN_CHUNK_BYTES)) // (9 * C * itemsize))
+    cuts = active.cuts(step)
+    for i, start in enumerate(range(0, max(n, 1), step)):  # an empty set still makes one (empty) pass
         stop = min(n, start + step)
-        cut = outside[(outside >= 9 * start) & (outside < 9 * stop)] - 9 * start
-        yield start, stop, taps[9 * start:9 * stop], cut
+        yield start, stop, taps[9 * start:9 * stop], cuts[i]
 
 
 def _gather(rows, taps, cut):
@@ -269,20 +289,16 @@ def gate_conv2d(x, weight, bias):
     return out
 
 
-def _group_norm_rows(rows, num_groups, weight, bias, eps):
-    """GroupNorm over one image's active pixels is torch's GroupNorm of the (1, C, n, 1)
-    tensor of those pixels: each group's statistics run over its C/G channels x n
-    pixels. Viewed channels_last, that tensor is the (n, C) rows themselves."""
-    n, C = rows.shape
-    if n * C == num_groups:  # one value per group: it is its own mean (torch refuses this case)
-        return (rows - rows).to(bias.dtype) + bias
-    image = rows.view(1, n, 1, C).permute(0, 3, 1, 2)  # (1, C, n, 1), channels_last: no copy
-    return F.group_norm(image, num_groups, weight, bias, eps).permute(0, 2, 3, 1).reshape(n, C)
-
-
 def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
     """GroupNorm whose statistics are taken over the active pixels of each image
-    and group only (DESIGN §4); 0 outside the mask."""
+    and group only (DESIGN §4); 0 outside the mask.
+
+    All images at once, with no per-image loop and no host sync: per-(image, group)
+    sums are scattered with `index_add_` by each pixel's image, then each pixel is
+    normalised with its own image's statistics. Statistics in fp32 at least, two
+    passes (mean, then the mean square deviation) for accuracy. The output stays
+    in the autograd graph of x, weight and bias even when the mask is empty, so
+    DDP sees every parameter used."""
     if mask is None:
         return F.group_norm(x, num_groups, weight, bias, eps)
     active = prepare_mask(mask)
@@ -291,9 +307,21 @@ def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
         raise ValueError(f"mask must be (B, H, W) = {(B, H, W)} to match x, got {tuple(active.mask.shape)}")
     if C % num_groups:
         raise ValueError(f"{C} channels are not divisible into {num_groups} groups")
-    rows = _rows(x).index_select(0, active.index)  # (N, C), image by image (the index is sorted)
-    out = x.new_zeros(B * H * W, C)
-    for image_rows, image_index in zip(rows.split(active.counts), active.index.split(active.counts)):
-        if len(image_rows):
-            out[image_index] = _group_norm_rows(image_rows, num_groups, weight, bias, eps).to(x.dtype)
+    G, N = num_groups, len(active)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    rows = _rows(x).index_select(0, active.index).to(dtype).view(N, G, C // G)  # active pixels only
+    count = (active.mask.flatten(1).sum(1) * (C // G)).clamp_min(1).to(dtype)[:, None]  # (B, 1), no host sync
+
+    def image_mean(values):  # (N, G) per-pixel sums -> (N, G) the mean of each pixel's image and group
+        sums = values.new_zeros(B, G).index_add_(0, active.batch, values)
+        return (sums / count).index_select(0, active.batch)
+
+    centred = rows - image_mean(rows.sum(2))[:, :, None]
+    del rows  # (the temporaries go as soon as they are used: peak memory stays below dense)
+    var = image_mean(centred.square().sum(2))
+    normed = centred * torch.rsqrt(var + eps)[:, :, None]
+    del centred
+    y = torch.addcmul(bias, normed.view(N, C), weight).to(x.dtype)
+    del normed
+    out = x.new_zeros(B * H * W, C).index_copy_(0, active.index, y)  # in place: one map
     return out.view(B, H, W, C).permute(0, 3, 1, 2)

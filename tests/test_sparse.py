@@ -86,7 +86,7 @@ def test_chunked_gather_equals_one_chunk(always_sparse, monkeypatch):
     x, w = torch.randn(2, 8, 15, 15, generator=g), torch.randn(8, 8, 3, 3, generator=g)
     mask = random_masks((2, 15, 15), 0.5, 4)
     whole = sparse.masked_conv2d(x, mask, w)
-    monkeypatch.setattr(sparse, "CHUNK_BYTES", 9 * 8 * 4 * 7)  # 7 pixels a chunk
+    monkeypatch.setattr(sparse, "CHUNK_BYTES", {**sparse.CHUNK_BYTES, "cpu": 9 * 8 * 4 * 7})  # 7 pixels a chunk
     assert_close(sparse.masked_conv2d(x, mask, w), whole, 1e-6)
 
 
@@ -106,6 +106,24 @@ def test_masked_group_norm_equals_dense_reference(device):
     # and, all active, torch's own GroupNorm
     full = torch.ones_like(mask)
     assert_close(sparse.masked_group_norm(x, full, 4, w, b), F.group_norm(x, 4, w, b), 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paths_switched_off_everywhere_still_get_gradients(device):
+    """DDP requires every parameter to receive a gradient at every step, even a
+    path whose gate is 0 at every pixel of the batch: a zero gradient, not none."""
+    head = dynhead.DynamicHead(channels=16, depth=2, gn_groups=4).to(device)
+    for module in head.modules():
+        if isinstance(module, dynhead.SpatialGate):
+            torch.nn.init.constant_(module.conv.bias, -10.0)  # every gate off
+    feats = [torch.randn(2, 16, s, s, device=device) for s in (16, 8, 4, 2, 1)]
+    for dense in (True, False):
+        head.dense = dense
+        head.zero_grad(set_to_none=True)
+        sum(o.sum() for o in head(feats)).backward()
+        assert (head.cost.soft == 0).all()  # every path off: only the gate convs ran
+        missing = [n for n, p in head.named_parameters() if p.grad is None]
+        assert not missing, (dense, missing)
 
 
 def partly_off_head(device, **kw):
