@@ -38,8 +38,9 @@ import torch.nn.functional as F
 
 # The dispatch rule: above these densities (fraction of active pixels) the dense
 # conv is faster than gather-scatter, as measured by `python bench.py` (README).
-# CPU (fp32): gathering wins up to 0.5 and loses at 1.0 for the conv; it loses at
-# every density for the memory-bound depthwise conv. CUDA (H100, bf16, batch 1 and
+# CPU (fp32): gathering wins up to 0.5 and loses at 1.0 for the conv; for the
+# memory-bound depthwise conv it wins only at 5-10% density and by under 25%, so
+# that one always runs dense. CUDA (H100, bf16, batch 1 and
 # 8): cuDNN's dense conv beat gathering at every density down to 0.05 -- the
 # unfused gather -> GEMM -> scatter moves ~9x the active input through memory and
 # launches a handful of kernels per chunk, each mask costs host syncs, and the
