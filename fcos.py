@@ -245,6 +245,9 @@ class FCOS(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
         self.head_mac_ratio = None  # executed / full head MACs of the last batch, for logging
         self._backbone_macs = {}
+        # channels-last weights and inputs: oneDNN's and cuDNN's convs run faster so
+        # (a training step of the synthetic demo: 1.29 s against 1.51 s on 2 CPU cores)
+        self.to(memory_format=torch.channels_last)
 
     # -- input -------------------------------------------------------------------
 
@@ -267,7 +270,8 @@ class FCOS(nn.Module):
             resized.append(img), sizes.append(size), scales.append((size[1] / w, size[0] / h))
         H = math.ceil(max(s[0] for s in sizes) / 32) * 32
         W = math.ceil(max(s[1] for s in sizes) / 32) * 32
-        batch = resized[0].new_zeros(len(images), 3, H, W)
+        batch = torch.empty((len(images), 3, H, W), dtype=resized[0].dtype, device=resized[0].device,
+                            memory_format=torch.channels_last).zero_()
         for img, b in zip(resized, batch):
             b[:, :img.shape[1], :img.shape[2]].copy_(img)
         if targets is not None:

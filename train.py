@@ -36,7 +36,7 @@ RECIPES = {
                  ims_per_batch=16, optimizer="sgd", lr=0.01, max_iter=90000, steps=[60000, 80000], warmup=1000,
                  checkpoint_period=5000, data_root="datasets/coco", workers=4),
     "synthetic": dict(backbone="resnet18", pretrained_backbone="false", min_size=256, max_size=352, channels=128,
-                      depth=2, ims_per_batch=8, optimizer="adamw", lr=1e-3, max_iter=700, steps=[550, 650],
+                      depth=2, ims_per_batch=8, optimizer="adamw", lr=1e-3, max_iter=500, steps=[400, 470],
                       warmup=50, checkpoint_period=200, data_root="datasets/synthetic", workers=1),
 }
 
