@@ -40,13 +40,13 @@ import torch.nn.functional as F
 # conv is faster than gather-scatter, as measured by `python bench.py` (README).
 # CPU (fp32): gathering wins up to 0.5 and loses at 1.0 for the conv; for the
 # memory-bound depthwise conv it wins only at 5-10% density and by under 25%, so
-# that one always runs dense. CUDA (H100, bf16, batch 1 and
-# 8): cuDNN's dense conv beat gathering at every density down to 0.05 -- the
-# unfused gather -> GEMM -> scatter moves ~9x the active input through memory and
-# launches a handful of kernels per chunk, each mask costs host syncs, and the
-# dense conv of a P3 map takes only ~0.1-0.4 ms -- so on CUDA every masked conv
-# runs dense (the gather kernel stays exact there and is tested; a fused kernel
-# would be needed to win). The GroupNorm statistics still run over active pixels.
+# that one always runs dense. CUDA (H100, bf16, batch 1 and 8): cuDNN's dense
+# conv beat gathering at every density down to 0.05 -- the unfused gather -> GEMM
+# -> scatter moves ~9x the active input through memory and launches a handful of
+# kernels per chunk, each mask costs host syncs, and the dense conv of a P3 map
+# takes only ~0.1-0.4 ms -- so on CUDA every masked conv runs dense (the gather
+# kernel stays exact there and is tested; a fused kernel would be needed to win).
+# The GroupNorm statistics still run over the active pixels only.
 DENSE_ABOVE = {
     ("cpu", "conv"): 0.6,
     ("cpu", "depthwise"): 0.0,
@@ -57,8 +57,9 @@ MIN_PIXELS = 64  # maps with fewer pixels per image run dense: nothing to gain
 # One chunk of gathered neighbourhoods: at most CHUNK_BYTES, and at most the output
 # map's size over CHUNK_SHARE (so that gathering needs less memory than the dense
 # conv), but never below MIN_CHUNK_BYTES. CPU: small chunks stay in cache. CUDA:
-# every chunk costs ~6 kernel launches, so fewer, larger ones (bench.py on an H100:
-# 8 MB chunks ran a batch-8 P3 conv at 10% density in 0.50 ms, 32 MB ones in 0.28).
+# every chunk costs ~6 kernel launches, so fewer, larger ones (on an H100, gathering
+# forced on, 8 MB chunks ran a batch-8 bf16 P3 conv at 10% density in 0.50 ms, 32 MB
+# ones in 0.28 ms, larger ones no faster).
 CHUNK_BYTES = {"cpu": 8 * 2 ** 20, "cuda": 256 * 2 ** 20}
 CHUNK_SHARE = {"cpu": 4, "cuda": 2}
 MIN_CHUNK_BYTES = 2 * 2 ** 20  # smaller chunks make GEMMs too small to run fast
@@ -318,7 +319,7 @@ def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
         return (sums / count).index_select(0, active.batch)
 
     centred = rows - image_mean(rows.sum(2))[:, :, None]
-    del rows  # (the temporaries go as soon as they are used: peak memory stays below dense)
+    del rows  # each temporary goes as soon as it is used, to keep the peak memory down
     var = image_mean(centred.square().sum(2))
     normed = centred * torch.rsqrt(var + eps)[:, :, None]
     del centred
