@@ -6,3 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# fp32 means fp32 in the comparisons with the dense computation: on GPUs with
+# tensor cores cuDNN may otherwise run fp32 convs in TF32 (10-bit mantissa).
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False

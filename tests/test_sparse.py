@@ -10,11 +10,17 @@ import sparse
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture
-def always_sparse(monkeypatch):
-    """Turn the dispatch rule off: every masked conv gathers, however dense."""
+TILES = [0, 3, 8]  # per-pixel gathering, and tiles: odd-sized, and larger than the test maps
+
+
+@pytest.fixture(params=TILES, ids=lambda t: f"tile{t}")
+def always_sparse(request, monkeypatch):
+    """Turn the dispatch rule off: every masked conv gathers, however dense, on
+    every device by pixels (tile 0) or by tiles."""
     monkeypatch.setattr(sparse, "DENSE_ABOVE", {k: 1.0 for k in sparse.DENSE_ABOVE})
     monkeypatch.setattr(sparse, "MIN_PIXELS", 0)
+    monkeypatch.setattr(sparse, "TILE", {device: request.param for device in ("cpu", "cuda")})
+    return request.param
 
 
 def random_masks(shape, density, seed):
@@ -90,8 +96,10 @@ def test_chunked_gather_equals_one_chunk(always_sparse, monkeypatch):
     assert_close(sparse.masked_conv2d(x, mask, w), whole, 1e-6)
 
 
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_masked_group_norm_equals_dense_reference(device):
+def test_masked_group_norm_equals_dense_reference(monkeypatch, tile, device):
+    monkeypatch.setattr(sparse, "TILE", {device: tile})
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 16, 7, 9, generator=g).to(device).requires_grad_()
     w = torch.randn(16, generator=g).to(device).requires_grad_()
