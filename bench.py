@@ -7,11 +7,9 @@ how much of the gates' sparsity (§2.2.3) turns into wall-clock time and memory.
 
 Part (a), `conv`: one 3x3 256->256 conv and one depthwise 3x3 conv on a P3-sized
 map (100x168, an 800x1333 image), batch 1 and 8, masks shaped like real gates
-(smooth blobs). Columns: the fraction of the map the gather kernel computes (the
-density; with tiles, the share of the map in active tiles); dense conv; the gather
-kernel forced on; masked_conv2d as dispatched (gather or dense, sparse.DENSE_ABOVE);
-speedup of the dispatched call; ideal speedup 1/density; their ratio; peak memory
-of dense and dispatched calls. --tile picks what is gathered (sparse.TILE).
+(smooth blobs). Columns: dense conv; the gather kernel forced on; masked_conv2d as
+dispatched (gather or dense, sparse.DENSE_ABOVE); speedup of the dispatched call;
+ideal speedup 1/density; their ratio; peak memory of dense and dispatched calls.
 
 Part (b), `head`: a D8 dynamic head, both towers of FCOS, on the five levels of an
 800x1333 image, the dense reference kernels against sparse.py, with gates held off
@@ -157,28 +155,24 @@ def conv_cases(device, dtype, batches, densities):
                     finally:
                         sparse.DENSE_ABOVE = saved
 
-                active, tile = sparse.ActiveSet(mask), sparse.TILE.get(device.type, 0)
-                path = "dense" if sparse.use_dense(active, kind, x) else "gather"
-                computed = active.tiles(tile).coverage if tile else density
-                yield dict(kind=kind, batch=batch, density=density, path=path, computed=computed,
+                path = "dense" if sparse.use_dense(sparse.ActiveSet(mask), kind, x) else "gather"
+                yield dict(kind=kind, batch=batch, density=density, path=path,
                            fns={"dense": dense, "gather": gather, "masked": masked})
 
 
 def print_conv(cases, device, dtype):
-    tile = sparse.TILE.get(device.type, 0)
-    unit = f"{tile}x{tile} tiles" if tile else "single pixels"
     print(f"\n(a) one 3x3 conv on a {P3[0]}x{P3[1]} map (P3 of 800x1333), 256 channels, "
-          f"{device.type} {dtype}, channels_last, gate-shaped masks, gathering {unit}; times in ms")
+          f"{device.type} {dtype}, channels_last, gate-shaped masks; times in ms")
     crossover, heading = {}, None
     for c in cases:
         if heading != (c["kind"], c["batch"]):
             heading = (c["kind"], c["batch"])
             print(f"\n{c['kind']}, batch {c['batch']}")
-            print(f"{'density':>7} {'computed':>8} {'dense':>8} {'gather':>8} {'masked':>8} {'path':>6} {'speedup':>7} "
+            print(f"{'density':>7} {'dense':>8} {'gather':>8} {'masked':>8} {'path':>6} {'speedup':>7} "
                   f"{'ideal':>6} {'ratio':>6} {'MB dense':>8} {'MB masked':>9}")
         t, m = c["time"], c["memory"]
         speedup, ideal = t["dense"] / t["masked"], 1 / c["density"]
-        print(f"{c['density']:7.2f} {c['computed']:8.2f} {t['dense'] * 1e3:8.2f} {t['gather'] * 1e3:8.2f} {t['masked'] * 1e3:8.2f} "
+        print(f"{c['density']:7.2f} {t['dense'] * 1e3:8.2f} {t['gather'] * 1e3:8.2f} {t['masked'] * 1e3:8.2f} "
               f"{c['path']:>6} {speedup:6.2f}x {ideal:5.1f}x {speedup / ideal:6.2f} "
               f"{mb(m['dense']):>8} {mb(m['masked']):>9}")
         if t["gather"] < t["dense"]:
@@ -289,13 +283,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batches of part (a)")
     parser.add_argument("--head-batch", type=int, help="batch of part (b); default 1 on the CPU, 8 on CUDA")
-    parser.add_argument("--tile", type=int, help="gather T x T tiles (0: single pixels); default sparse.TILE's")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     head_batch = args.head_batch or (8 if device.type == "cuda" else 1)
-    if args.tile is not None:
-        sparse.TILE[device.type] = args.tile
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; median of {args.repeats} runs")
     if device.type == "cpu":

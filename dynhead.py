@@ -132,9 +132,9 @@ def gate_conv2d(x, weight, bias):
     return F.conv2d(x, weight, bias, padding=1)
 
 
-def prepare_mask(mask):
-    """Turn a bool mask into what the kernels take (sparse.py indexes it once)."""
-    return mask
+def prepare_masks(masks):
+    """Turn bool masks into what the kernels take (sparse.py indexes them, all at once)."""
+    return list(masks)
 
 
 def masked_conv2d(x, mask, weight, bias=None, groups=1):
@@ -162,7 +162,7 @@ def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
 class DenseKernels:
     """The dense reference kernels, as one namespace like the sparse module."""
     gate_conv2d = staticmethod(gate_conv2d)
-    prepare_mask = staticmethod(prepare_mask)
+    prepare_masks = staticmethod(prepare_masks)
     masked_conv2d = staticmethod(masked_conv2d)
     masked_group_norm = staticmethod(masked_group_norm)
 
@@ -196,12 +196,16 @@ class DepthPath(nn.Module):
             nn.init.normal_(conv.weight, std=0.01)
         self.unit_macs = conv_macs(channels)  # per conv, per pixel
 
-    def forward(self, a, gate=None, active=None, kernels=DenseKernels):
-        # a (B, C, H, W); gate (B, 1, H, W) or None (fixed mode); active (B, H, W)
-        M2 = M1 = None
-        if gate is not None:
-            M1 = F.max_pool2d(active[:, None].to(a.dtype), 3, 1, 1)[:, 0] > 0
-            M1, M2 = kernels.prepare_mask(M1), kernels.prepare_mask(active)
+    def masks(self, active):
+        """(B, H, W) active -> the masks of conv1 and conv2: M2 = active, and M1 =
+        M2 dilated by conv2's 3x3 receptive field (Fig. 3). None: compute everywhere."""
+        if active is None:
+            return [None, None]
+        return [F.max_pool2d(active[:, None].float(), 3, 1, 1)[:, 0] > 0, active]
+
+    def forward(self, a, gate=None, masks=(None, None), kernels=DenseKernels):
+        # a (B, C, H, W); gate (B, 1, H, W) or None (fixed mode); masks from self.masks, prepared
+        M1, M2 = masks
         G = self.gn1.num_groups
         y = kernels.masked_conv2d(a, M1, self.conv1.weight)
         y = F.relu(kernels.masked_group_norm(y, M1, G, self.gn1.weight, self.gn1.bias, self.gn1.eps), inplace=True)
@@ -234,8 +238,11 @@ class ScalePath(nn.Module):
         nn.init.normal_(self.conv.weight, std=0.01)
         self.unit_macs = conv_macs(channels, depthwise=True)
 
-    def forward(self, x, gate=None, active=None, kernels=DenseKernels):
-        M = None if gate is None else kernels.prepare_mask(active)
+    def masks(self, active):
+        return [active]
+
+    def forward(self, x, gate=None, masks=(None,), kernels=DenseKernels):
+        M, = masks
         y = kernels.masked_conv2d(x, M, self.conv.weight, groups=self.conv.groups)
         y = kernels.masked_group_norm(y, M, self.gn.num_groups, self.gn.weight, self.gn.bias, self.gn.eps)
         return y if gate is None else gate * y
@@ -291,19 +298,24 @@ class Router(nn.Module):
         L = len(xs)
         a = xs
         if self.down is not None:
-            sent_down, sent_up = [None] * L, [None] * L
+            # the gates of every level first, then every mask of them indexed at once
+            # (kernels.prepare_masks: on a GPU one host sync for all, not one per mask)
+            plans = []  # per level: [(name, gate, active)] of the paths that exist there
             for n, x in enumerate(xs):
-                # the paths that exist here: no coarser level above P7, no finer below P3
+                # no coarser level above P7, no finer below P3
                 names = [p for p, ok in (("down", n < L - 1), ("up", n > 0)) if ok]
                 gates = actives = None
                 if self.dynamic:
                     gates, actives = self.scale_gate(x, [("down", "up").index(p) for p in names], kernels)
                     tally.add_gate(self.gate_macs * len(names), x)
-                for i, name in enumerate(names):
+                plans.append([(name, None if gates is None else gates[:, i:i + 1],
+                               None if actives is None else actives[:, i]) for i, name in enumerate(names)])
+            masks = iter(self.prepare(kernels, [(self.down, act) for plan in plans for _, _, act in plan]))
+            sent_down, sent_up = [None] * L, [None] * L
+            for n, (x, plan) in enumerate(zip(xs, plans)):
+                for name, g, act in plan:
                     path = self.down if name == "down" else self.up
-                    g = None if gates is None else gates[:, i:i + 1]
-                    act = None if actives is None else actives[:, i]
-                    out = path(x, g, act, kernels)
+                    out = path(x, g, next(masks), kernels)
                     tally.add_path(path, g, act, x, name, n)
                     (sent_down if name == "down" else sent_up)[n] = out
             a = []
@@ -314,16 +326,25 @@ class Router(nn.Module):
                 a.append(torch.addcmul(self.beta * x, self.alpha, sum(arriving)))  # alpha * arriving + beta * x
         if self.depth is None:
             return a
-        outs = []
-        for n, an in enumerate(a):
-            g = act = None
-            if self.dynamic:
-                g, act = self.depth_gate(an, kernels=kernels)
-                act = act[:, 0]
+        gates = [(None, None)] * L
+        if self.dynamic:
+            gates = [self.depth_gate(an, kernels=kernels) for an in a]
+            gates = [(g, act[:, 0]) for g, act in gates]
+            for an in a:
                 tally.add_gate(self.gate_macs, an)
-            outs.append(self.depth(an, g, act, kernels))
+        masks = iter(self.prepare(kernels, [(self.depth, act) for _, act in gates]))
+        outs = []
+        for n, (an, (g, act)) in enumerate(zip(a, gates)):
+            outs.append(self.depth(an, g, next(masks), kernels))
             tally.add_path(self.depth, g, act, an, "depth", n)
         return outs
+
+    @staticmethod
+    def prepare(kernels, uses):
+        """[(path, active)] -> each path's masks, all prepared by one call."""
+        wanted = [path.masks(act) for path, act in uses]
+        flat = iter(kernels.prepare_masks([m for ms in wanted for m in ms]))
+        return [[next(flat) for _ in ms] for ms in wanted]
 
 
 # -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ The paper counts the saving in FLOPs; the authors' code never shipped a fast
 masked conv. Here it is, in pure PyTorch, for training and inference, any batch,
 CPU and GPU, dense (3x3, C -> C') and depthwise convs:
 
-    1. index the mask once (`prepare_mask`): the flat positions of the active
+    1. index the mask once (`prepare_masks`): the flat positions of the active
        pixels, and for each of them the 9 neighbours of a 3x3 window -- clamped
        to the image, with the taps that fall outside it listed to be zeroed
        (no padding of the whole map);
@@ -25,14 +25,13 @@ runs the dense conv and masks it: same numbers either way. The thresholds come
 from bench.py, per device type.
 
 Map:
-    ActiveSet, prepare_mask   the indexed mask, shared by every conv and GN on it
+    ActiveSet, prepare_masks  the indexed masks, shared by every conv and GN on them
     masked_conv2d             gather -> GEMM -> scatter (or the dense fallback)
     masked_group_norm         GroupNorm statistics over the active pixels only
     gate_conv2d               the gates' dense 3x3 conv C -> 1-2, fast on the CPU
     DENSE_ABOVE, use_dense    the dispatch rule
 """
 import functools
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,34 +63,24 @@ MIN_PIXELS = 64  # maps with fewer pixels per image run dense: nothing to gain
 CHUNK_BYTES = {"cpu": 8 * 2 ** 20, "cuda": 256 * 2 ** 20}
 CHUNK_SHARE = {"cpu": 4, "cuda": 2}
 MIN_CHUNK_BYTES = 2 * 2 ** 20  # smaller chunks make GEMMs too small to run fast
-# What a GPU gathers: T x T tiles of pixels (TILE[device] = T), each computed by
-# cuDNN from its (T+2) x (T+2) window; 0 gathers the 3x3 neighbourhoods of single
-# pixels (the CPU's kernel). See `Tiles`; bench.py --tile measures other sizes.
-TILE = {"cpu": 0, "cuda": 8}
 
 
 class ActiveSet:
     """A (B, H, W) bool mask, indexed once and reused by every conv and GroupNorm
-    that shares it, either per pixel (`index`, `taps`, `cuts`: the CPU's gather
-    kernel) or per tile (`tiles`: the GPU's). Each index costs one host sync (a
-    `nonzero`), made once per mask and only when a kernel asks for it."""
+    that shares it. Indexing a mask costs a host sync on a GPU (`nonzero`'s size
+    is data-dependent): `prepare_masks` indexes all the masks of a router step at
+    once, with one; the gather kernel's `taps` and `cuts` add two more per mask."""
 
-    def __init__(self, mask):
+    def __init__(self, mask, index=None):
         if mask.dim() != 3 or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a (B, H, W) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
         self.mask = mask
+        if index is None:
+            index = mask.reshape(-1).nonzero().squeeze(1)
+        self.index = index  # (N,) flat b*H*W + y*W + x
+        self.density = index.numel() / max(1, mask.numel())
         self._taps = None
         self._cuts = {}  # chunk size -> outside taps per chunk
-        self._tiles = {}  # tile side -> Tiles
-
-    @functools.cached_property
-    def index(self):
-        """(N,) flat position b*H*W + y*W + x of each active pixel."""
-        return self.mask.reshape(-1).nonzero().squeeze(1)
-
-    @functools.cached_property
-    def density(self):
-        return self.index.numel() / max(1, self.mask.numel())
 
     @functools.cached_property
     def batch(self):
@@ -128,62 +117,6 @@ class ActiveSet:
             self._cuts[step] = [cut - 9 * step * i for i, cut in enumerate(outside.split(sizes))]
         return self._cuts[step]
 
-    def tiles(self, size):
-        """The T x T tiles (T = size) that hold an active pixel: see Tiles."""
-        if size not in self._tiles:
-            B, H, W = self.mask.shape
-            table = _tile_table(B, H, W, size, self.mask.device)
-            occupied = F.max_pool2d(self.mask[:, None].float(), size, size, ceil_mode=True)  # (B, 1, Ht, Wt)
-            ids = occupied.reshape(-1).nonzero().squeeze(1)  # (n,) active tiles, in table order
-            pixels = table.pixels[ids]  # (n, T*T)
-            keep = torch.cat([self.mask.reshape(-1), self.mask.new_zeros(1)])[pixels]  # spare row: False
-            self._tiles[size] = Tiles(size, table.image[ids], table.window[ids].reshape(-1),
-                                      table.inside[ids].reshape(-1, 1), pixels.reshape(-1), keep.reshape(-1, 1),
-                                      ids.numel() * size * size / max(1, self.mask.numel()))
-        return self._tiles[size]
-
-
-class Tiles(NamedTuple):
-    """The active T x T tiles of a mask (the GPU's gather unit, after SBNet, Ren et
-    al. 2018): a tile is computed whole by cuDNN from its (T+2) x (T+2) window, and
-    the pixels of it that are off the mask are zeroed. Gathering a window moves
-    (T+2)^2 / T^2 of the tile's input (1.56x for T = 8) instead of the 9x of the
-    per-pixel 3x3 neighbourhoods; the price is computing the whole tile."""
-    size: int
-    image: torch.Tensor   # (n,) image of each tile
-    window: torch.Tensor  # (n*(T+2)^2,) flat pixel of each window position, clamped into the image
-    inside: torch.Tensor  # (n*(T+2)^2, 1) bool: the window position lies in the image (else: zero padding)
-    pixels: torch.Tensor  # (n*T*T,) flat pixel of each tile position; B*H*W (a spare row) beyond the edge
-    keep: torch.Tensor    # (n*T*T, 1) bool: the pixel is on the mask
-    coverage: float       # fraction of the map's pixels that lie in the active tiles
-
-
-class _TileTable(NamedTuple):
-    image: torch.Tensor   # (Bt,) for every tile of the map, in (b, ty, tx) order
-    window: torch.Tensor  # (Bt, (T+2)^2)
-    inside: torch.Tensor  # (Bt, (T+2)^2)
-    pixels: torch.Tensor  # (Bt, T*T)
-
-
-@functools.lru_cache(maxsize=32)
-def _tile_table(B, H, W, T, device):
-    """Every tile's indices, built once per map shape; a mask's tiles are rows of it."""
-    Ht, Wt = -(-H // T), -(-W // T)
-    b = torch.arange(B, device=device).view(B, 1, 1, 1, 1)
-    ty = torch.arange(Ht, device=device).view(1, Ht, 1, 1, 1) * T
-    tx = torch.arange(Wt, device=device).view(1, 1, Wt, 1, 1) * T
-    d = torch.arange(-1, T + 1, device=device)  # window offsets: the tile and its 1-pixel border
-    wy, wx = ty + d.view(1, 1, 1, -1, 1), tx + d.view(1, 1, 1, 1, -1)  # (B, Ht, Wt, T+2, T+2) by broadcasting
-    inside = (wy >= 0) & (wy < H) & (wx >= 0) & (wx < W)
-    window = b * H * W + wy.clamp(0, H - 1) * W + wx.clamp(0, W - 1)
-    py, px = wy[..., 1:-1, :], wx[..., :, 1:-1]  # the tile itself
-    pixels = torch.where((py < H) & (px < W), b * H * W + py * W + px, B * H * W)
-    Bt = B * Ht * Wt
-    image = b.expand(B, Ht, Wt, 1, 1).reshape(Bt)
-    return _TileTable(image, window.expand(B, Ht, Wt, T + 2, T + 2).reshape(Bt, -1),
-                      inside.expand(B, Ht, Wt, T + 2, T + 2).reshape(Bt, -1),
-                      pixels.expand(B, Ht, Wt, T, T).reshape(Bt, -1))
-
 
 def prepare_mask(mask):
     """Index a bool mask once; None (compute everything) passes through."""
@@ -192,14 +125,29 @@ def prepare_mask(mask):
     return ActiveSet(mask)
 
 
+def prepare_masks(masks):
+    """Index several bool masks (None passes through) with one `nonzero` over all of
+    them: on a GPU, two host syncs back to back instead of one per mask. Each sync
+    waits for all the work queued before it, so a router step that indexed each of
+    its ~15 masks on its own would stall the GPU ~15 times."""
+    todo = [m for m in masks if m is not None and not isinstance(m, ActiveSet)]
+    if len(todo) < 2:
+        return [prepare_mask(m) for m in masks]
+    for m in todo:
+        if m.dim() != 3 or m.dtype != torch.bool:
+            raise ValueError(f"mask must be a (B, H, W) bool tensor, got {tuple(m.shape)} {m.dtype}")
+    index = torch.cat([m.reshape(-1) for m in todo]).nonzero().squeeze(1)  # (N,) into the masks laid end to end
+    starts = torch.tensor([0] + [m.numel() for m in todo], device=index.device).cumsum(0)
+    cuts = torch.searchsorted(index, starts).tolist()  # each mask's share of `index`
+    prepared = iter([ActiveSet(m, index[cuts[i]:cuts[i + 1]] - starts[i]) for i, m in enumerate(todo)])
+    return [m if m is None or isinstance(m, ActiveSet) else next(prepared) for m in masks]
+
+
 def use_dense(active, kind, x):
     """The dispatch rule: run the dense conv where gathering would be slower."""
     B, H, W = active.mask.shape
-    if H * W < MIN_PIXELS:
-        return True
-    tile = TILE.get(x.device.type, 0)
-    computed = active.tiles(tile).coverage if tile else active.density
-    return computed > DENSE_ABOVE.get((x.device.type, kind), 0.0)
+    threshold = DENSE_ABOVE.get((x.device.type, kind), 0.0)
+    return H * W < MIN_PIXELS or active.density > threshold
 
 
 def _check(x, active, weight, groups):
@@ -325,20 +273,6 @@ class _MaskedConv(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
-def _tile_conv(x, weight, bias, tiles, groups):
-    """Gather the active tiles' windows -> cuDNN's conv on them, no padding ->
-    zero the pixels off the mask -> scatter the tiles. Plain autograd: backward is
-    cuDNN's, and the gather's transpose (a scatter-add) that autograd derives."""
-    B, C, H, W = x.shape
-    T, n, C_out = tiles.size, tiles.image.numel(), weight.shape[0]
-    windows = _rows(x).index_select(0, tiles.window) * tiles.inside  # (n*(T+2)^2, C), 0 beyond the image
-    windows = windows.view(n, T + 2, T + 2, C).permute(0, 3, 1, 2)  # (n, C, T+2, T+2), channels_last
-    y = F.conv2d(windows, weight, bias, groups=groups)  # (n, C_out, T, T): the border was in the window
-    y = y.permute(0, 2, 3, 1).reshape(n * T * T, C_out) * tiles.keep  # (n*T*T, C_out), 0 off the mask
-    out = y.new_zeros(B * H * W + 1, C_out).index_copy_(0, tiles.pixels, y)  # + a spare row
-    return out[:-1].view(B, H, W, C_out).permute(0, 3, 1, 2)  # (B, C_out, H, W), channels_last
-
-
 def masked_conv2d(x, mask, weight, bias=None, groups=1):
     """3x3 conv, stride 1, padding 1, computed only where `mask` is true (each
     image its own mask) and 0 elsewhere. groups=1 (dense) or groups=C (depthwise).
@@ -357,10 +291,7 @@ def masked_conv2d(x, mask, weight, bias=None, groups=1):
     if torch.is_autocast_enabled(x.device.type):  # AMP: compute in its dtype, as F.conv2d would
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-    tile = TILE.get(x.device.type, 0)
     with torch.autocast(x.device.type, enabled=False):
-        if tile:
-            return _tile_conv(x, weight, bias, active.tiles(tile), groups)
         return _MaskedConv.apply(x, weight, bias, active, depthwise)
 
 
@@ -385,13 +316,12 @@ def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
     """GroupNorm whose statistics are taken over the active pixels of each image
     and group only (DESIGN §4); 0 outside the mask.
 
-    All images at once, with no per-image loop and no host sync beyond the
-    mask's index: the active pixels (CPU) or active tiles (GPU, pixels off the
-    mask weighted 0) are gathered, their per-(image, group) sums scattered with
-    `index_add_` by image, then each pixel is normalised with its own image's
-    statistics. Statistics in fp32 at least, two passes (mean, then the mean
-    square deviation) for accuracy. The output stays in the autograd graph of x,
-    weight and bias even when the mask is empty, so DDP sees every parameter used."""
+    All images at once, with no per-image loop and no host sync: per-(image, group)
+    sums are scattered with `index_add_` by each pixel's image, then each pixel is
+    normalised with its own image's statistics. Statistics in fp32 at least, two
+    passes (mean, then the mean square deviation) for accuracy. The output stays
+    in the autograd graph of x, weight and bias even when the mask is empty, so
+    DDP sees every parameter used."""
     if mask is None:
         return F.group_norm(x, num_groups, weight, bias, eps)
     active = prepare_mask(mask)
@@ -400,33 +330,21 @@ def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
         raise ValueError(f"mask must be (B, H, W) = {(B, H, W)} to match x, got {tuple(active.mask.shape)}")
     if C % num_groups:
         raise ValueError(f"{C} channels are not divisible into {num_groups} groups")
-    G, tile = num_groups, TILE.get(x.device.type, 0)
-    if tile:  # n tiles of T*T pixels, each pixel weighted by `keep`
-        tiles = active.tiles(tile)
-        image, write, keep = tiles.image, tiles.pixels, tiles.keep
-        read = write.clamp_max(B * H * W - 1)  # the spare row's pixels read any pixel, weighted 0
-    else:  # n active pixels, one each
-        image, write, read, keep = active.batch, active.index, active.index, None
-    n, P, dtype = image.numel(), tile * tile or 1, torch.promote_types(x.dtype, torch.float32)
-    rows = _rows(x).index_select(0, read).to(dtype)  # (n*P, C), P pixels a piece
-    if keep is not None:
-        rows = rows * keep
-    rows = rows.view(n, P, G, C // G)
+    G, N = num_groups, len(active)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    rows = _rows(x).index_select(0, active.index).to(dtype).view(N, G, C // G)  # active pixels only
     count = (active.mask.flatten(1).sum(1) * (C // G)).clamp_min(1).to(dtype)[:, None]  # (B, 1), no host sync
 
-    def image_mean(values):  # (n, P, G, C/G) -> (n, 1, G, 1): the mean of each piece's image and group
-        sums = values.new_zeros(B, G).index_add_(0, image, values.sum((1, 3)))
-        return (sums / count).index_select(0, image)[:, None, :, None]
+    def image_mean(values):  # (N, G) per-pixel sums -> (N, G) the mean of each pixel's image and group
+        sums = values.new_zeros(B, G).index_add_(0, active.batch, values)
+        return (sums / count).index_select(0, active.batch)
 
-    centred = rows - image_mean(rows)
+    centred = rows - image_mean(rows.sum(2))[:, :, None]
     del rows  # each temporary goes as soon as it is used, to keep the peak memory down
-    if keep is not None:
-        centred = centred * keep.view(n, P, 1, 1)
-    normed = centred * torch.rsqrt(image_mean(centred.square()) + eps)
+    var = image_mean(centred.square().sum(2))
+    normed = centred * torch.rsqrt(var + eps)[:, :, None]
     del centred
-    y = torch.addcmul(bias, normed.view(-1, C), weight)
+    y = torch.addcmul(bias, normed.view(N, C), weight).to(x.dtype)
     del normed
-    if keep is not None:
-        y = y * keep
-    out = x.new_zeros(B * H * W + 1, C).index_copy_(0, write, y.to(x.dtype))  # in place: one map (+ a spare row)
-    return out[:-1].view(B, H, W, C).permute(0, 3, 1, 2)
+    out = x.new_zeros(B * H * W, C).index_copy_(0, active.index, y)  # in place: one map
+    return out.view(B, H, W, C).permute(0, 3, 1, 2)

@@ -10,17 +10,11 @@ import sparse
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-TILES = [0, 3, 8]  # per-pixel gathering, and tiles: odd-sized, and larger than the test maps
-
-
-@pytest.fixture(params=TILES, ids=lambda t: f"tile{t}")
-def always_sparse(request, monkeypatch):
-    """Turn the dispatch rule off: every masked conv gathers, however dense, on
-    every device by pixels (tile 0) or by tiles."""
+@pytest.fixture
+def always_sparse(monkeypatch):
+    """Turn the dispatch rule off: every masked conv gathers, however dense."""
     monkeypatch.setattr(sparse, "DENSE_ABOVE", {k: 1.0 for k in sparse.DENSE_ABOVE})
     monkeypatch.setattr(sparse, "MIN_PIXELS", 0)
-    monkeypatch.setattr(sparse, "TILE", {device: request.param for device in ("cpu", "cuda")})
-    return request.param
 
 
 def random_masks(shape, density, seed):
@@ -66,6 +60,21 @@ def test_masked_conv_equals_dense_times_mask(always_sparse, case, density, devic
         assert_close(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_prepare_masks_indexes_each_mask_as_alone(device):
+    # one nonzero over all the masks, split: the same index as each mask's own nonzero
+    masks = [random_masks((2, 5, 7), 0.4, 0), None, torch.zeros(3, 4, 4, dtype=torch.bool),
+             random_masks((1, 9, 3), 0.7, 1), torch.ones(2, 2, 6, dtype=torch.bool)]
+    masks = [None if m is None else m.to(device) for m in masks]
+    for got, mask in zip(sparse.prepare_masks(masks), masks):
+        if mask is None:
+            assert got is None
+        else:
+            assert got.mask is mask
+            assert torch.equal(got.index, mask.reshape(-1).nonzero().squeeze(1))
+    assert [a.index.tolist() for a in sparse.prepare_masks([masks[2], masks[2]])] == [[], []]
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
 def test_masked_conv_input_layouts(always_sparse, layout):
     g = torch.Generator().manual_seed(0)
@@ -96,10 +105,8 @@ def test_chunked_gather_equals_one_chunk(always_sparse, monkeypatch):
     assert_close(sparse.masked_conv2d(x, mask, w), whole, 1e-6)
 
 
-@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_masked_group_norm_equals_dense_reference(monkeypatch, tile, device):
-    monkeypatch.setattr(sparse, "TILE", {device: tile})
+def test_masked_group_norm_equals_dense_reference(device):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 16, 7, 9, generator=g).to(device).requires_grad_()
     w = torch.randn(16, generator=g).to(device).requires_grad_()
