@@ -17,12 +17,13 @@ outside smooth blobs so that about 50%, 25% and 10% of the MACs are executed:
 inference forward, and a training step (forward + backward).
 
 Times are medians of --repeats runs, dense and sparse interleaved in one process.
-Peak memory: CUDA's allocator statistics; on the CPU (Linux), the rise of the
-process's peak resident memory, in a second pass where malloc returns freed
-blocks at once. In the timing pass malloc keeps freed memory for reuse instead.
+Peak memory, in a second pass: of the tensors allocated, from CUDA's allocator
+statistics, or on the CPU from the profiler's record of allocations and frees.
 """
 import argparse
+import contextlib
 import ctypes
+import os
 import statistics
 import sys
 import time
@@ -73,15 +74,12 @@ def median_times(fns, device, repeats):
     return [statistics.median(t) for t in times]
 
 
-def _resident(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-
-
 def peak_memory(fn, device):
-    """Bytes of memory `fn` needs above what is already allocated (None: unknown)."""
+    """Peak bytes of the tensors `fn` allocates, above what is already allocated.
+    CUDA: the caching allocator's statistics. CPU: the profiler's record of every
+    allocation and free, summed in time order: live tensors, as on CUDA, measured
+    between ops (scratch memory that lives and dies inside one op, such as a conv's
+    own workspace, is not seen, on either path)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -89,21 +87,37 @@ def peak_memory(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    if not sys.platform.startswith("linux"):
-        return None
-    _libc().malloc_trim(0)  # give back what earlier runs left in malloc's free lists
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak resident set size (VmHWM)
-    base = _resident("VmRSS:")
-    fn()
-    return _resident("VmHWM:") - base
+    with _quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                 profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage  # an op's allocations less its frees; "[memory]" events: frees
+        peak = max(peak, live)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side logs every start and stop to stderr, hundreds of
+    lines in a memory pass: send them to /dev/null (Python's exceptions still
+    print once stderr is back)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _libc():
     return ctypes.CDLL("libc.so.6")
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
 
 
 def keep_freed_memory():
@@ -113,15 +127,6 @@ def keep_freed_memory():
     if sys.platform.startswith("linux"):
         _libc().mallopt(M_MMAP_MAX, 0)
         _libc().mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
-
-
-def return_freed_memory_to_os():
-    """For the memory pass: serve every large block by mmap, so that free() gives
-    it back at once and the resident-set peak follows the live tensors."""
-    if sys.platform.startswith("linux"):
-        _libc().mallopt(M_MMAP_MAX, 65536)
-        _libc().mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-        _libc().mallopt(M_TRIM_THRESHOLD, 128 * 1024)
 
 
 def mb(n):
@@ -267,8 +272,6 @@ def measure(cases, device, repeats):
     for c in cases:
         with torch.no_grad() if "kind" in c else torch.enable_grad():
             c["time"] = dict(zip(c["fns"], median_times(list(c["fns"].values()), device, repeats)))
-    if device.type == "cpu":
-        return_freed_memory_to_os()
     for c in cases:
         with torch.no_grad() if "kind" in c else torch.enable_grad():
             c["memory"] = {k: peak_memory(fn, device) for k, fn in c["fns"].items() if k != "gather"}

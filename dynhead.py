@@ -20,7 +20,7 @@ Map, in the paper's order:
     SpatialGate            §2.2.1, Fig. 3c: 3x3 conv -> (GAP) -> activation
     masked_conv2d,         the one seam for masked computation (§2.2.3, §2.3):
     masked_group_norm,       dense references with GN over the computed pixels
-    gate_conv2d
+    gate_conv2d, prepare_masks
     DepthPath, ScalePath   §2.2.3: the paths a router can send a pixel along
     Router                 §2.1, Eq. 2: one depth step of the routing space
     HeadCost               Eq. 4-5: soft budget, executed and full MACs
@@ -276,6 +276,9 @@ class Router(nn.Module):
       3. depth path: x[n] = relu(m_depth(a[n]) * block(a[n]) + a[n]).
 
     Several paths may be on at one pixel: each gate is independent (Eq. 2).
+    Each phase computes the gates of every level first, then hands all their masks
+    to the kernels at once (sparse.py indexes them with one host sync), then runs
+    the paths.
     """
 
     def __init__(self, channels, mode, paths, activation, tau, coarse, gn_groups):
