@@ -239,6 +239,7 @@ class ScalePath(nn.Module):
         self.unit_macs = conv_macs(channels, depthwise=True)
 
     def masks(self, active):
+        """The mask of the one conv: where the gate is on (None: everywhere)."""
         return [active]
 
     def forward(self, x, gate=None, masks=(None,), kernels=DenseKernels):
@@ -277,8 +278,8 @@ class Router(nn.Module):
 
     Several paths may be on at one pixel: each gate is independent (Eq. 2).
     Each phase computes the gates of every level first, then hands all their masks
-    to the kernels at once (sparse.py indexes them with one host sync), then runs
-    the paths.
+    to the kernels at once (sparse.py indexes them with one `nonzero`, so that the
+    host waits for a GPU once per phase, not once per mask), then runs the paths.
     """
 
     def __init__(self, channels, mode, paths, activation, tau, coarse, gn_groups):
@@ -302,7 +303,7 @@ class Router(nn.Module):
         a = xs
         if self.down is not None:
             # the gates of every level first, then every mask of them indexed at once
-            # (kernels.prepare_masks: on a GPU one host sync for all, not one per mask)
+            # (kernels.prepare_masks: one `nonzero` for all of them, not one per mask)
             plans = []  # per level: [(name, gate, active)] of the paths that exist there
             for n, x in enumerate(xs):
                 # no coarser level above P7, no finer below P3

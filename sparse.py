@@ -68,8 +68,8 @@ MIN_CHUNK_BYTES = 2 * 2 ** 20  # smaller chunks make GEMMs too small to run fast
 class ActiveSet:
     """A (B, H, W) bool mask, indexed once and reused by every conv and GroupNorm
     that shares it. Indexing a mask costs a host sync on a GPU (`nonzero`'s size
-    is data-dependent): `prepare_masks` indexes all the masks of a router step at
-    once, with one; the gather kernel's `taps` and `cuts` add two more per mask."""
+    is data-dependent): `prepare_masks` indexes all the masks of a router phase
+    with one `nonzero`; the gather kernel's `taps` and `cuts` add two syncs per mask."""
 
     def __init__(self, mask, index=None):
         if mask.dim() != 3 or mask.dtype != torch.bool:
