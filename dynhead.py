@@ -221,9 +221,9 @@ class DepthPath(nn.Module):
     def costs(self, gate, active):
         """Per image (B,): the soft (Eq. 4) and executed MACs of this path on one level."""
         soft_m1 = F.max_pool2d(gate, 3, 1, 1)  # Eq. 4: the gate max-pooled over conv1's field
-        hard_m1 = F.max_pool2d(active[:, None].to(gate.dtype), 3, 1, 1)
+        M1, M2 = self.masks(active)  # the pixels conv1 and conv2 really compute
         soft = (gate.sum((1, 2, 3)) + soft_m1.sum((1, 2, 3))) * self.unit_macs
-        executed = (active.sum((1, 2)) + hard_m1.sum((1, 2, 3))) * self.unit_macs
+        executed = (M2.sum((1, 2)) + M1.sum((1, 2))) * self.unit_macs
         return soft, executed
 
 

@@ -65,6 +65,11 @@ CHUNK_SHARE = {"cpu": 4, "cuda": 2}
 MIN_CHUNK_BYTES = 2 * 2 ** 20  # smaller chunks make GEMMs too small to run fast
 
 
+def _check_mask(mask):
+    if mask.dim() != 3 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a (B, H, W) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+
+
 class ActiveSet:
     """A (B, H, W) bool mask, indexed once and reused by every conv and GroupNorm
     that shares it. Indexing a mask costs a host sync on a GPU (`nonzero`'s size
@@ -72,8 +77,7 @@ class ActiveSet:
     with one `nonzero`; the gather kernel's `taps` and `cuts` add two syncs per mask."""
 
     def __init__(self, mask, index=None):
-        if mask.dim() != 3 or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a (B, H, W) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+        _check_mask(mask)
         self.mask = mask
         if index is None:
             index = mask.reshape(-1).nonzero().squeeze(1)
@@ -128,14 +132,13 @@ def prepare_mask(mask):
 def prepare_masks(masks):
     """Index several bool masks (None passes through) with one `nonzero` over all of
     them: on a GPU, two host syncs back to back instead of one per mask. Each sync
-    waits for all the work queued before it, so a router step that indexed each of
-    its ~15 masks on its own would stall the GPU ~15 times."""
+    waits for all the work queued before it, so a router phase that indexed each of
+    its 8-10 masks (5 levels) on its own would stall the GPU as many times."""
     todo = [m for m in masks if m is not None and not isinstance(m, ActiveSet)]
     if len(todo) < 2:
         return [prepare_mask(m) for m in masks]
     for m in todo:
-        if m.dim() != 3 or m.dtype != torch.bool:
-            raise ValueError(f"mask must be a (B, H, W) bool tensor, got {tuple(m.shape)} {m.dtype}")
+        _check_mask(m)
     index = torch.cat([m.reshape(-1) for m in todo]).nonzero().squeeze(1)  # (N,) into the masks laid end to end
     starts = torch.tensor([0] + [m.numel() for m in todo], device=index.device).cumsum(0)
     cuts = torch.searchsorted(index, starts).tolist()  # each mask's share of `index`
