@@ -11,10 +11,15 @@ CPU and GPU, dense (3x3, C -> C') and depthwise convs:
        pixels, and for each of them the 9 neighbours of a 3x3 window -- clamped
        to the image, with the taps that fall outside it listed to be zeroed
        (no padding of the whole map);
-    2. gather: (B, C, H, W) channels-last -> rows (N * 9, C) of the active
-       neighbourhoods (im2col of the active pixels only), in chunks;
-    3. one GEMM (N, 9C) x (9C, C') -- or one multiply-add for depthwise;
-    4. scatter the (N, C') rows back into a zero map.
+    2. for each of the 9 taps (dy, dx) of the window: gather the (n, C) rows of
+       the active pixels' neighbours at that offset from the channels-last map,
+       and add rows @ W_tap, a (C, C') GEMM, into an (n, C') accumulator -- or a
+       multiply-add per channel for depthwise -- over chunks of n pixels;
+    3. scatter the (n, C') rows back into a zero map.
+
+Nine GEMMs of K = C rather than one im2col GEMM of K = 9C: the same arithmetic,
+but a chunk needs 2 rows per pixel of working memory instead of 10, so the GEMMs
+run on 4x more pixels at once in the same memory (on the CPU, ~20% faster).
 
 Backward is the same gather -> GEMM -> scatter-add in reverse, so gradients are
 exact: the gate activation has zero value and zero gradient where it is 0 (Eq. 3),
@@ -38,28 +43,31 @@ import torch.nn.functional as F
 
 # The dispatch rule: above these densities (fraction of active pixels) the dense
 # conv is faster than gather-scatter, as measured by `python bench.py` (README).
-# CPU (fp32): gathering wins up to 0.5 and loses at 1.0 for the conv; for the
-# memory-bound depthwise conv it wins only at 5-10% density and by under 25%, so
-# that one always runs dense. CUDA (H100, bf16, batch 1 and 8): cuDNN's dense
-# conv beat gathering at every density down to 0.05 -- the unfused gather -> GEMM
-# -> scatter moves ~9x the active input through memory and launches a handful of
-# kernels per chunk, each mask costs host syncs, and the dense conv of a P3 map
+# CPU (fp32): the conv gathers faster up to density 0.7, ties at 0.8, and loses at
+# 1.0, in inference and training alike. The memory-bound depthwise conv gathers
+# faster alone only at 5-10% density (by 1.2-2x on a P3 map), and in the whole head
+# not at all (levels are small, 1262 ms dense against 1344 ms gathered at 10%
+# executed MACs), so it always runs dense. CUDA (H100, bf16, batch 1 and 8): cuDNN's
+# dense conv beat gathering at every density down to 0.05 -- the unfused gather ->
+# GEMM -> scatter moves ~9x the active input through memory and launches a handful
+# of kernels per chunk, each mask costs host syncs, and the dense conv of a P3 map
 # takes only ~0.1-0.4 ms -- so on CUDA every masked conv runs dense (the gather
 # kernel stays exact there and is tested; a fused kernel would be needed to win).
 # The GroupNorm statistics still run over the active pixels only.
 DENSE_ABOVE = {
-    ("cpu", "conv"): 0.6,
+    ("cpu", "conv"): 0.7,
     ("cpu", "depthwise"): 0.0,
     ("cuda", "conv"): 0.0,
     ("cuda", "depthwise"): 0.0,
 }
 MIN_PIXELS = 64  # maps with fewer pixels per image run dense: nothing to gain
-# One chunk of gathered neighbourhoods: at most CHUNK_BYTES, and at most the output
-# map's size over CHUNK_SHARE (so that gathering needs less memory than the dense
-# conv), but never below MIN_CHUNK_BYTES. CPU: small chunks stay in cache. CUDA:
-# every chunk costs ~6 kernel launches, so fewer, larger ones (on an H100, gathering
-# forced on, 8 MB chunks ran a batch-8 bf16 P3 conv at 10% density in 0.50 ms, 32 MB
-# ones in 0.28 ms, larger ones no faster).
+# The working memory of one chunk of pixels (see _chunks): at most CHUNK_BYTES, and
+# at most the output map's size over CHUNK_SHARE (so that gathering needs less
+# memory than the dense conv), but never below MIN_CHUNK_BYTES. CPU: chunks of a few
+# MB stay in cache (1.5x to 4x larger ones measured no faster in the head, 2x smaller
+# ones 5% slower). CUDA: every chunk costs kernel launches, so fewer, larger ones (on
+# an H100, with the earlier im2col kernel forced on, 8 MB chunks ran a batch-8 bf16
+# P3 conv at 10% density in 0.50 ms, 32 MB ones in 0.28 ms, larger ones no faster).
 CHUNK_BYTES = {"cpu": 8 * 2 ** 20, "cuda": 256 * 2 ** 20}
 CHUNK_SHARE = {"cpu": 4, "cuda": 2}
 MIN_CHUNK_BYTES = 2 * 2 ** 20  # smaller chunks make GEMMs too small to run fast
@@ -96,29 +104,35 @@ class ActiveSet:
         return self.index.numel()
 
     def taps(self):
-        """(N*9,) flat index of each active pixel's 3x3 neighbours (row-major taps,
-        clamped into the image) and (K,) positions of the taps outside it."""
+        """(9, N) flat index of each active pixel's 3x3 neighbours, tap by tap (tap
+        t = 3 * (dy + 1) + (dx + 1)), clamped into the image; and (K,) the positions,
+        in that (9, N) array laid flat, of the taps that fall outside the image."""
         if self._taps is None:
             B, H, W = self.mask.shape
             yx = self.index % (H * W)
             y, x = torch.div(yx, W, rounding_mode="floor"), yx % W
             d = torch.arange(-1, 2, device=y.device)
-            ny = y[:, None, None] + d[None, :, None]  # (N, 3, 1)
-            nx = x[:, None, None] + d[None, None, :]  # (N, 1, 3)
+            ny = y[None, None, :] + d[:, None, None]  # (3, 1, N): dy
+            nx = x[None, None, :] + d[None, :, None]  # (1, 3, N): dx
             inside = ((ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)).reshape(-1)
-            flat = (self.batch * H * W)[:, None, None] + ny.clamp(0, H - 1) * W + nx.clamp(0, W - 1)
-            self._taps = flat.reshape(-1), (~inside).nonzero().squeeze(1)
+            flat = self.batch * H * W + ny.clamp(0, H - 1) * W + nx.clamp(0, W - 1)  # (3, 3, N)
+            self._taps = flat.reshape(9, -1), (~inside).nonzero().squeeze(1)
         return self._taps
 
     def cuts(self, step):
-        """The outside taps split by chunks of `step` pixels, each relative to its
-        chunk's first tap: one host sync per mask and chunk size, not one per chunk."""
+        """For each chunk of `step` pixels and each tap, the chunk's pixels (counted
+        from the chunk's first) whose tap falls outside the image: one host sync per
+        mask and chunk size, not one per chunk."""
         if step not in self._cuts:
             _, outside = self.taps()
-            chunk = torch.div(outside, 9 * step, rounding_mode="floor")
-            num_chunks = max(1, -(-len(self) // step))
-            sizes = torch.bincount(chunk, minlength=num_chunks).tolist()
-            self._cuts[step] = [cut - 9 * step * i for i, cut in enumerate(outside.split(sizes))]
+            n = max(1, len(self))
+            num_chunks = -(-n // step)
+            tap, pixel = torch.div(outside, n, rounding_mode="floor"), outside % n
+            chunk = torch.div(pixel, step, rounding_mode="floor")
+            # `outside` runs tap by tap, pixel by pixel: sorted by (tap, chunk)
+            sizes = torch.bincount(tap * num_chunks + chunk, minlength=9 * num_chunks).tolist()
+            parts = (pixel - chunk * step).split(sizes)
+            self._cuts[step] = [[parts[t * num_chunks + c] for t in range(9)] for c in range(num_chunks)]
         return self._cuts[step]
 
 
@@ -168,38 +182,44 @@ def _check(x, active, weight, groups):
                          f"channels; expected (C_out, {C}, 3, 3) or depthwise ({C}, 1, 3, 3) with groups={C}")
 
 
-def _gemm(cols, w):
-    """(n, K) x (C_out, K)^T. On the CPU as a 1x1 conv: oneDNN's kernels run this
-    shape about twice as fast as the BLAS matmul that torch uses (measured here)."""
-    n = cols.shape[0]
-    if cols.device.type != "cpu" or n == 0:  # (an empty product still keeps w in the graph)
-        return cols @ w.t()
-    image = cols.view(1, 1, n, -1).permute(0, 3, 1, 2)  # (1, K, 1, n), channels_last: no copy
-    out = F.conv2d(image, w[:, :, None, None])  # (1, C_out, 1, n)
-    return out.permute(0, 2, 3, 1).reshape(n, -1)
-
-
-def _chunks(active, C, itemsize, out_bytes):
-    """Yield (start, stop, taps, cut) over the active pixels: the chunk's neighbour
-    indices (n*9,) and the positions among them to zero. A chunk of gathered columns
-    stays under CHUNK_BYTES and, on large maps, under a share of the output map, so
-    that the sparse path needs no more memory than the dense conv and its mask."""
+def _chunks(active, C, C_out, out_bytes):
+    """Yield (start, stop, taps, cuts) over the active pixels: the chunk's (9, n)
+    neighbour indices and, per tap, the pixels to zero. A chunk's working set -- one
+    tap's gathered rows, the accumulator and, in backward, the gradient rows: about
+    3 rows of max(C, C_out) fp32 values per pixel -- stays under CHUNK_BYTES and,
+    on large maps, under a share of the output map, so that the sparse path needs
+    no more memory than the dense conv and its mask."""
     taps, _ = active.taps()
     n, device = len(active), taps.device.type
     cap = CHUNK_BYTES.get(device, CHUNK_BYTES["cuda"])
     share = CHUNK_SHARE.get(device, CHUNK_SHARE["cuda"])
-    step = max(1, min(cap, max(out_bytes // share, MIN_CHUNK_BYTES)) // (9 * C * itemsize))
+    step = max(1, min(cap, max(out_bytes // share, MIN_CHUNK_BYTES)) // (3 * max(C, C_out) * 4))
+    step = max(1, -(-n // -(-n // step))) if n else 1  # chunks of equal size: no small GEMM at the end
     cuts = active.cuts(step)
     for i, start in enumerate(range(0, max(n, 1), step)):  # an empty set still makes one (empty) pass
         stop = min(n, start + step)
-        yield start, stop, taps[9 * start:9 * stop], cuts[i]
+        yield start, stop, taps[:, start:stop], cuts[i]
 
 
 def _gather(rows, taps, cut):
-    cols = rows.index_select(0, taps)  # (n*9, C): the 3x3 neighbourhoods, im2col-style
+    """(n, C): the rows of one tap of n pixels; taps beyond the border read zero."""
+    g = rows.index_select(0, taps)
     if cut.numel():
-        cols.index_fill_(0, cut, 0)  # taps beyond the border see zero padding
-    return cols
+        g.index_fill_(0, cut, 0)
+    return g
+
+
+def _accumulate(acc, y):
+    """acc + y, in place once acc exists, kept in fp32 at least: sums of many bf16
+    terms (9 taps, many chunks) would otherwise add up their roundings."""
+    return y.to(torch.promote_types(y.dtype, torch.float32)) if acc is None else acc.add_(y)
+
+
+def _multiply_add(acc, a, b, depthwise):
+    """acc + a @ b (depthwise: a * b), as `_accumulate`, with no temporary in fp32."""
+    if acc is not None and acc.dtype == a.dtype:
+        return acc.addcmul_(a, b) if depthwise else acc.addmm_(a, b)
+    return _accumulate(acc, a * b if depthwise else a @ b)
 
 
 def _rows(t):
@@ -208,31 +228,38 @@ def _rows(t):
     return t.permute(0, 2, 3, 1).reshape(B * H * W, C)
 
 
+def _tap_weights(weight, depthwise):
+    """(C_out, C_in, 3, 3) -> per tap t = 3 * ky + kx: (9, C_in, C_out) matrices,
+    or (9, C) per-channel factors for a depthwise conv."""
+    if depthwise:
+        return weight.reshape(weight.shape[0], 9).t()
+    w = weight.permute(2, 3, 1, 0).reshape(9, weight.shape[1], weight.shape[0])  # a view if channels_last
+    return w if 1 in w.stride()[1:] else w.contiguous()  # GEMMs read a matrix with a unit stride
+
+
 class _MaskedConv(torch.autograd.Function):
-    """Gather -> GEMM -> scatter, chunk by chunk. Backward gathers again rather
-    than saving the gathered columns: 9x the active input would otherwise be
-    kept for every conv, more than the dense conv keeps."""
+    """Nine shifted GEMMs per chunk of active pixels: for each tap t of the 3x3
+    window, gather the (n, C) rows of the neighbours at that offset and add
+    rows @ W_t into an (n, C_out) accumulator; then scatter the chunk. Gathering
+    one tap at a time needs 2 rows per pixel of working memory where one im2col
+    GEMM needs 9 + 1, so that in the same memory the GEMMs run on 4x more pixels
+    at once -- on the CPU that made the conv ~20% faster at batch 1 (bench.py).
+    Backward gathers again rather than saving anything gathered."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, active, depthwise):
         B, C, H, W = x.shape
         C_out = weight.shape[0]
-        rows = _rows(x)
-        if depthwise:
-            w = weight.reshape(C, 9).t()  # (9, C): one multiply-add per tap and channel
-        else:
-            w = weight.permute(0, 2, 3, 1).reshape(C_out, 9 * C)  # (C_out, 9C), taps row-major
+        rows, w = _rows(x), _tap_weights(weight, depthwise)
         out = x.new_zeros(B * H * W, C_out)
-        for start, stop, taps, cut in _chunks(active, C, x.element_size(), out.numel() * out.element_size()):
-            cols = _gather(rows, taps, cut)
-            if depthwise:
-                y = (cols.view(-1, 9, C) * w).sum(1)  # (n, 9, C) -> (n, C)
-            else:
-                y = _gemm(cols.view(-1, 9 * C), w)  # (n, 9C) x (9C, C_out)
+        for start, stop, taps, cuts in _chunks(active, C, C_out, out.numel() * out.element_size()):
+            acc = None
+            for t in range(9):
+                acc = _multiply_add(acc, _gather(rows, taps[t], cuts[t]), w[t], depthwise)
             if bias is not None:
-                y = y + bias
-            out[active.index[start:stop]] = y  # scatter this chunk at once
-            del cols, y  # free this chunk before the next one is gathered
+                acc += bias
+            out[active.index[start:stop]] = acc.to(out.dtype)  # scatter this chunk at once
+            del acc  # free this chunk before the next one is gathered
         ctx.save_for_backward(x, weight)
         ctx.active, ctx.depthwise, ctx.has_bias = active, depthwise, bias is not None
         return out.view(B, H, W, C_out).permute(0, 3, 1, 2)  # channels_last
@@ -246,33 +273,35 @@ class _MaskedConv(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         rows, grad_rows = _rows(x), (x.new_zeros(B * H * W, C) if need_x else None)
         grad_y_all = _rows(grad_out)
-        w = weight.reshape(C, 9).t() if depthwise else weight.permute(0, 2, 3, 1).reshape(C_out, 9 * C)
-        grad_w = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32))
-        grad_b = grad_out.new_zeros(C_out, dtype=grad_w.dtype)
-        for start, stop, taps, cut in _chunks(active, C, x.element_size(), grad_out.numel() * x.element_size()):
+        w = _tap_weights(weight, depthwise)
+        grad_w = [None] * 9  # per tap, fp32 at least
+        grad_b = None
+        for start, stop, taps, cuts in _chunks(active, C, C_out, grad_out.numel() * x.element_size()):
             gy = grad_y_all.index_select(0, active.index[start:stop])  # (n, C_out)
             if need_b:
-                grad_b += gy.sum(0)
-            cols = _gather(rows, taps, cut) if need_w else None
-            if depthwise:
-                if need_w:
-                    grad_w += (cols.view(-1, 9, C) * gy[:, None]).sum(0)
-                grad_cols = (gy[:, None] * w).reshape(-1, C) if need_x else None  # (n*9, C)
-            else:
-                if need_w:
-                    grad_w += gy.t() @ cols.view(-1, 9 * C)  # (C_out, n) x (n, 9C)
-                grad_cols = _gemm(gy, w.t()).view(-1, C) if need_x else None  # (n, C_out) x (C_out, 9C)
-            if need_x:
-                if cut.numel():
-                    grad_cols.index_fill_(0, cut, 0)  # clamped border taps received nothing
-                grad_rows.index_add_(0, taps, grad_cols)  # the transpose of the gather
+                grad_b = _accumulate(grad_b, gy.sum(0))
+            for t in range(9):
+                if need_w:  # dL/dW_t = rows_t^T @ gy, or per channel sum(rows_t * gy)
+                    g = _gather(rows, taps[t], cuts[t])
+                    grad_w[t] = _accumulate(grad_w[t], (g * gy).sum(0)) if depthwise else \
+                        _multiply_add(grad_w[t], g.t(), gy, False)
+                    del g
+                if need_x:  # dL/drows_t = gy @ W_t^T, added back where the rows came from
+                    gx = gy * w[t] if depthwise else gy @ w[t].t()  # (n, C)
+                    if cuts[t].numel():
+                        gx.index_fill_(0, cuts[t], 0)  # clamped border taps received nothing
+                    grad_rows.index_add_(0, taps[t], gx)  # the transpose of the gather
+                    del gx
         grad_x = grad_rows.view(B, H, W, C).permute(0, 3, 1, 2) if need_x else None
-        if depthwise:
-            grad_weight = grad_w.t().reshape(C, 1, 3, 3)
-        else:
-            grad_weight = grad_w.reshape(C_out, 3, 3, C).permute(0, 3, 1, 2)
-        grad_weight = grad_weight.to(weight.dtype) if need_w else None
-        grad_bias = grad_b.to(weight.dtype) if need_b and ctx.has_bias else None
+        grad_weight = grad_bias = None
+        if need_w:
+            if depthwise:  # 9 x (C,) -> (C, 1, 3, 3)
+                grad_weight = torch.stack(grad_w, 1).reshape(C, 1, 3, 3)
+            else:  # (9, C_in, C_out) -> (C_out, C_in, 3, 3)
+                grad_weight = torch.stack(grad_w).reshape(3, 3, C, C_out).permute(3, 2, 0, 1)
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_b and ctx.has_bias:
+            grad_bias = grad_b.to(weight.dtype)
         return grad_x, grad_weight, grad_bias, None, None
 
 

@@ -96,13 +96,23 @@ def test_dispatch_gives_the_same_numbers():
         assert_close(sparse.masked_conv2d(x, mask, w), F.conv2d(x, w, padding=1) * mask[:, None], 1e-5)
 
 
-def test_chunked_gather_equals_one_chunk(always_sparse, monkeypatch):
+@pytest.mark.parametrize("groups", [1, 8])
+def test_chunked_gather_equals_dense(always_sparse, monkeypatch, groups):
+    # chunks of 7 pixels, most with border taps: values and gradients as the dense conv
+    monkeypatch.setattr(sparse, "CHUNK_BYTES", {**sparse.CHUNK_BYTES, "cpu": 3 * 8 * 4 * 7})
+    monkeypatch.setattr(sparse, "MIN_CHUNK_BYTES", 0)
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(2, 8, 15, 15, generator=g), torch.randn(8, 8, 3, 3, generator=g)
+    x = torch.randn(2, 8, 15, 15, generator=g).requires_grad_()
+    w = torch.randn(8, 8 // groups, 3, 3, generator=g).requires_grad_()
+    b = torch.randn(8, generator=g).requires_grad_()
     mask = random_masks((2, 15, 15), 0.5, 4)
-    whole = sparse.masked_conv2d(x, mask, w)
-    monkeypatch.setattr(sparse, "CHUNK_BYTES", {**sparse.CHUNK_BYTES, "cpu": 9 * 8 * 4 * 7})  # 7 pixels a chunk
-    assert_close(sparse.masked_conv2d(x, mask, w), whole, 1e-6)
+    active = sparse.ActiveSet(mask)
+    assert len(list(sparse._chunks(active, 8, 8, 2 * 8 * 15 * 15 * 4))) == -(-len(active) // 7)
+    y = sparse.masked_conv2d(x, active, w, b, groups=groups)
+    ref = F.conv2d(x, w, b, padding=1, groups=groups) * mask[:, None]
+    assert_close(y, ref, 1e-5)
+    for got, want in zip(grads(y, (x, w, b)), grads(ref, (x, w, b))):
+        assert_close(got, want, 1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
