@@ -143,7 +143,8 @@ def conv_cases(device, dtype, batches, densities):
     for kind, groups in (("conv", 1), ("depthwise", 256)):
         for batch in batches:
             x = torch.randn(batch, 256, *P3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-            w = torch.randn(256, 256 // groups, 3, 3, device=device, dtype=dtype) * 0.02
+            w = (torch.randn(256, 256 // groups, 3, 3, device=device, dtype=dtype) * 0.02).contiguous(
+                memory_format=torch.channels_last)  # as the head keeps its weights (fcos.py)
             for density in densities:
                 mask = blobs(batch, P3, density, seed=batch, device=device)
 
