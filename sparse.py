@@ -45,7 +45,7 @@ import torch.nn.functional as F
 # conv is faster than gather-scatter, as measured by `python bench.py` (README).
 # CPU (fp32): the conv gathers faster up to density 0.7, ties at 0.8, and loses at
 # 1.0, in inference and training alike. The memory-bound depthwise conv gathers
-# faster alone only at 5-10% density (by 1.2-2x on a P3 map), and in the whole head
+# faster alone only at 5-10% density (by up to 1.8x on a P3 map), and in the whole head
 # not at all (levels are small, 1262 ms dense against 1344 ms gathered at 10%
 # executed MACs), so it always runs dense. CUDA (H100, bf16, batch 1 and 8): cuDNN's
 # dense conv beat gathering at every density down to 0.05 -- the unfused gather ->
@@ -194,7 +194,8 @@ def _chunks(active, C, C_out, out_bytes):
     cap = CHUNK_BYTES.get(device, CHUNK_BYTES["cuda"])
     share = CHUNK_SHARE.get(device, CHUNK_SHARE["cuda"])
     step = max(1, min(cap, max(out_bytes // share, MIN_CHUNK_BYTES)) // (3 * max(C, C_out) * 4))
-    step = max(1, -(-n // -(-n // step))) if n else 1  # chunks of equal size: no small GEMM at the end
+    num_chunks = max(1, -(-n // step))
+    step = max(1, -(-n // num_chunks))  # chunks of equal size: no small GEMM left at the end
     cuts = active.cuts(step)
     for i, start in enumerate(range(0, max(n, 1), step)):  # an empty set still makes one (empty) pass
         stop = min(n, start + step)
