@@ -220,6 +220,14 @@ def test_bad_input(call, match):
         call(x, w)
 
 
+def test_one_input_channel_is_a_dense_conv(always_sparse):
+    # C = 1: groups=1 is both "dense" and "one group per channel"; C_out = 4 is fine
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(2, 1, 6, 7, generator=g), torch.randn(4, 1, 3, 3, generator=g)
+    mask = random_masks((2, 6, 7), 0.5, 2)
+    assert_close(sparse.masked_conv2d(x, mask, w), F.conv2d(x, w, padding=1) * mask[:, None], 1e-5)
+
+
 @pytest.mark.parametrize("paths", [1, 2])
 def test_gate_conv_equals_conv2d(paths):
     g = torch.Generator().manual_seed(paths)
