@@ -46,9 +46,10 @@ import torch.nn.functional as F
 # conv is faster than gather-scatter, as measured by `python bench.py` (README).
 # CPU (fp32): the conv gathers faster up to density 0.7, ties at 0.8, and loses at
 # 1.0, in inference and training alike. The memory-bound depthwise conv gathers
-# faster alone only at 5-10% density (by up to 1.8x on a P3 map), and in the whole head
-# not at all (levels are small, 1262 ms dense against 1344 ms gathered at 10%
-# executed MACs), so it always runs dense. CUDA (H100, bf16, batch 1 and 8): cuDNN's
+# faster alone only at 5-10% density (by up to 1.8x on a P3 map), and in the whole
+# head not at all (levels are small, 1262 ms dense against 1344 ms gathered at 10%
+# executed MACs), so it always runs dense. CUDA (H100, bf16, batch 1 and 8, measured
+# with the earlier im2col kernel; the nine-GEMM one has not run on a GPU yet): cuDNN's
 # dense conv beat gathering at every density down to 0.05 -- the unfused gather ->
 # GEMM -> scatter moves ~9x the active input through memory and launches a handful
 # of kernels per chunk, each mask costs host syncs, and the dense conv of a P3 map
