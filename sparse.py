@@ -48,14 +48,15 @@ import torch.nn.functional as F
 # 1.0, in inference and training alike. The memory-bound depthwise conv gathers
 # faster alone only at 5-10% density (by up to 1.8x on a P3 map), and in the whole
 # head not at all (levels are small, 1262 ms dense against 1344 ms gathered at 10%
-# executed MACs), so it always runs dense. CUDA (H100, bf16, batch 1 and 8, measured
-# with the earlier im2col kernel; the nine-GEMM one has not run on a GPU yet): cuDNN's
-# dense conv beat gathering at every density down to 0.05 -- the unfused gather ->
-# GEMM -> scatter moves ~9x the active input through memory and launches a handful
-# of kernels per chunk, each mask costs host syncs, and the dense conv of a P3 map
-# takes only ~0.1-0.4 ms -- so on CUDA every masked conv runs dense (the gather
-# kernel stays exact there and is tested; a fused kernel would be needed to win).
-# The GroupNorm statistics still run over the active pixels only.
+# executed MACs), so it always runs dense. CUDA (H100, bf16, batch 1 and 8, P3 map):
+# cuDNN's dense conv (0.07 ms at batch 1, 0.33 ms at batch 8) beat gathering at
+# every density down to 0.05. The im2col kernel alone, the mask already indexed,
+# takes 0.47 ms at density 0.1 and 0.28 ms at 0.05 (batch 8): the unfused gather ->
+# GEMM -> scatter moves ~9x the active input through memory. Indexing a mask for
+# it (`nonzero` and the 3x3 taps, some 20 small ops) costs another 0.35-0.4 ms. So
+# on CUDA every masked conv runs dense (the gather kernel stays exact there and is
+# tested; a fused kernel would be needed to win); the GroupNorms still run over the
+# active pixels only, which is where the head saves time on a GPU.
 DENSE_ABOVE = {
     ("cpu", "conv"): 0.7,
     ("cpu", "depthwise"): 0.0,
@@ -63,13 +64,20 @@ DENSE_ABOVE = {
     ("cuda", "depthwise"): 0.0,
 }
 MIN_PIXELS = 64  # maps with fewer pixels per image run dense: nothing to gain
+# The form of the gather kernel, per device type (_MaskedConv): nine shifted GEMMs
+# on the CPU (less memory per pixel, so larger GEMMs: faster there), one im2col
+# GEMM on a GPU (a handful of kernel launches per chunk instead of ~30: on an H100,
+# batch 8, density 0.1, 0.47 ms against 1.29 ms, and 2.9 ms against 5.6 ms for a
+# training step).
+GATHER = {"cpu": "taps", "cuda": "im2col"}
 # The working memory of one chunk of pixels (see _chunks): at most CHUNK_BYTES, and
 # at most the output map's size over CHUNK_SHARE (so that gathering needs less
 # memory than the dense conv), but never below MIN_CHUNK_BYTES. CPU: chunks of a few
 # MB stay in cache (1.5x to 4x larger ones measured no faster in the head, 2x smaller
 # ones 5% slower). CUDA: every chunk costs kernel launches, so fewer, larger ones (on
-# an H100, with the earlier im2col kernel forced on, 8 MB chunks ran a batch-8 bf16
-# P3 conv at 10% density in 0.50 ms, 32 MB ones in 0.28 ms, larger ones no faster).
+# an H100, the im2col kernel forced on a batch-8 bf16 P3 conv at density 0.1: chunks
+# of a quarter of the output map 0.63 ms, half 0.47 ms, the whole map 0.39 ms; half
+# keeps the sparse path's memory below the dense conv's and its mask's).
 CHUNK_BYTES = {"cpu": 8 * 2 ** 20, "cuda": 256 * 2 ** 20}
 CHUNK_SHARE = {"cpu": 4, "cuda": 2}
 MIN_CHUNK_BYTES = 2 * 2 ** 20  # smaller chunks make GEMMs too small to run fast
@@ -84,7 +92,8 @@ class ActiveSet:
     """A (B, H, W) bool mask, indexed once and reused by every conv and GroupNorm
     that shares it. Indexing a mask costs a host sync on a GPU (`nonzero`'s size
     is data-dependent): `prepare_masks` indexes all the masks of a router phase
-    with one `nonzero`; the gather kernel's `taps` and `cuts` add two syncs per mask."""
+    with one `nonzero`. The 3x3 neighbours (`taps`) cost no sync; the CPU kernel's
+    per-chunk lists of border taps (`cuts`) one per mask."""
 
     def __init__(self, mask, index=None):
         _check_mask(mask)
@@ -107,8 +116,8 @@ class ActiveSet:
 
     def taps(self):
         """(9, N) flat index of each active pixel's 3x3 neighbours, tap by tap (tap
-        t = 3 * (dy + 1) + (dx + 1)), clamped into the image; and (K,) the positions,
-        in that (9, N) array laid flat, of the taps that fall outside the image."""
+        t = 3 * (dy + 1) + (dx + 1)), clamped into the image; and (9, N) bool, the
+        taps that fall outside it. No host sync: the sizes are known."""
         if self._taps is None:
             B, H, W = self.mask.shape
             yx = self.index % (H * W)
@@ -116,9 +125,9 @@ class ActiveSet:
             d = torch.arange(-1, 2, device=y.device)
             ny = y[None, None, :] + d[:, None, None]  # (3, 1, N): dy
             nx = x[None, None, :] + d[None, :, None]  # (1, 3, N): dx
-            inside = ((ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)).reshape(-1)
+            outside = (ny < 0) | (ny >= H) | (nx < 0) | (nx >= W)  # (3, 3, N)
             flat = self.batch * H * W + ny.clamp(0, H - 1) * W + nx.clamp(0, W - 1)  # (3, 3, N)
-            self._taps = flat.reshape(9, -1), (~inside).nonzero().squeeze(1)
+            self._taps = flat.reshape(9, -1), outside.reshape(9, -1)
         return self._taps
 
     def cuts(self, step):
@@ -126,7 +135,7 @@ class ActiveSet:
         from the chunk's first) whose tap falls outside the image: one host sync per
         mask and chunk size, not one per chunk."""
         if step not in self._cuts:
-            _, outside = self.taps()
+            outside = self.taps()[1].reshape(-1).nonzero().squeeze(1)  # positions in (9, N) laid flat
             n = max(1, len(self))
             num_chunks = -(-n // step)
             tap, pixel = torch.div(outside, n, rounding_mode="floor"), outside % n
@@ -184,24 +193,25 @@ def _check(x, active, weight, groups):
                          f"channels; expected (C_out, {C}, 3, 3) or depthwise ({C}, 1, 3, 3) with groups={C}")
 
 
-def _chunks(active, C, C_out, out_bytes):
-    """Yield (start, stop, taps, cuts) over the active pixels: the chunk's (9, n)
-    neighbour indices and, per tap, the pixels to zero. A chunk's working set -- one
-    tap's gathered rows, the accumulator and, in backward, the gradient rows: about
-    3 rows of max(C, C_out) fp32 values per pixel -- stays under CHUNK_BYTES and,
-    on large maps, under a share of the output map, so that the sparse path needs
-    no more memory than the dense conv and its mask."""
-    taps, _ = active.taps()
+def _chunks(active, pixel_bytes, out_bytes, cut_lists):
+    """Yield (start, stop, taps, border) over the active pixels: the chunk's (9, n)
+    neighbour indices and the taps to zero -- per tap, the chunk's pixels whose tap
+    is outside the image (cut_lists, the CPU's nine GEMMs: few rows to zero, one
+    host sync per mask) or the (9, n) bool map of them (im2col: one masked fill,
+    no sync). A chunk's working set, `pixel_bytes` per pixel, stays under
+    CHUNK_BYTES and, on large maps, under a share of the output map, so that the
+    sparse path needs no more memory than the dense conv and its mask."""
+    taps, outside = active.taps()
     n, device = len(active), taps.device.type
     cap = CHUNK_BYTES.get(device, CHUNK_BYTES["cuda"])
     share = CHUNK_SHARE.get(device, CHUNK_SHARE["cuda"])
-    step = max(1, min(cap, max(out_bytes // share, MIN_CHUNK_BYTES)) // (3 * max(C, C_out) * 4))
+    step = max(1, min(cap, max(out_bytes // share, MIN_CHUNK_BYTES)) // pixel_bytes)
     num_chunks = max(1, -(-n // step))
     step = max(1, -(-n // num_chunks))  # chunks of near-equal size, not a small GEMM left at the end
-    cuts = active.cuts(step)
+    cuts = active.cuts(step) if cut_lists else None
     for i, start in enumerate(range(0, max(n, 1), step)):  # an empty set still makes one (empty) pass
         stop = min(n, start + step)
-        yield start, stop, taps[:, start:stop], cuts[i]
+        yield start, stop, taps[:, start:stop], cuts[i] if cut_lists else outside[:, start:stop]
 
 
 def _gather(rows, taps, cut):
@@ -210,6 +220,14 @@ def _gather(rows, taps, cut):
     if cut.numel():
         g.index_fill_(0, cut, 0)
     return g
+
+
+def _windows(rows, taps, outside):
+    """(n, 9, C): the 3x3 windows of n pixels, gathered at once (im2col); taps
+    beyond the border zeroed."""
+    n = taps.shape[1]
+    cols = rows.index_select(0, taps.t().reshape(-1)).view(n, 9, rows.shape[1])
+    return cols.masked_fill_(outside.t()[:, :, None], 0)
 
 
 def _accumulate(acc, y):
@@ -241,69 +259,98 @@ def _tap_weights(weight, depthwise):
 
 
 class _MaskedConv(torch.autograd.Function):
-    """Nine shifted GEMMs per chunk of active pixels: for each tap t of the 3x3
-    window, gather the (n, C) rows of the neighbours at that offset and add
-    rows @ W_t into an (n, C_out) accumulator; then scatter the chunk. Gathering
-    one tap at a time needs 2 rows per pixel of working memory (3 in backward)
-    where one im2col GEMM needs 9 + 1, so that within the same budget the GEMMs
-    run on 3x more pixels at once in fp32: on the CPU, one conv ran 5-15% faster
-    than with one im2col GEMM per chunk, and the D8 head 5% (inference) and 11%
-    (training) faster at 25%.
+    """Gather -> GEMM -> scatter over chunks of active pixels, in one of two forms
+    that do the same arithmetic (GATHER picks one per device type):
+
+    - "taps", nine shifted GEMMs: for each tap t of the 3x3 window, gather the
+      (n, C) rows of the neighbours at that offset and add rows @ W_t into an
+      (n, C_out) accumulator. 2 rows per pixel of working memory (3 in backward)
+      where im2col needs 9 + 1, so 3x larger GEMMs in the same budget (fp32): on
+      the CPU, one conv ran 5-15% faster than with im2col, and the D8 head 5%
+      (inference) and 11% (training) faster at 25%.
+    - "im2col": gather the (n, 9C) windows at once and run one GEMM with the
+      (9C, C_out) weights. A handful of kernel launches per chunk instead of ~30:
+      on a GPU, where each launch costs the host more than a small GEMM costs
+      the device, that is what counts.
+
     Backward gathers again rather than saving anything gathered."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, active, depthwise):
         B, C, H, W = x.shape
         C_out = weight.shape[0]
+        im2col = GATHER.get(x.device.type, "im2col") == "im2col"
         rows, w = _rows(x), _tap_weights(weight, depthwise)
         out = x.new_zeros(B * H * W, C_out)
-        for start, stop, taps, cuts in _chunks(active, C, C_out, out.numel() * out.element_size()):
-            acc = None
-            for t in range(9):
-                acc = _multiply_add(acc, _gather(rows, taps[t], cuts[t]), w[t], depthwise)
+        pixel_bytes = (9 * C * x.element_size() + C_out * 4) if im2col else 3 * max(C, C_out) * 4
+        for start, stop, taps, border in _chunks(active, pixel_bytes, out.numel() * out.element_size(), not im2col):
+            if im2col:
+                cols = _windows(rows, taps, border)  # (n, 9, C)
+                acc = (cols * w).sum(1) if depthwise else cols.view(len(cols), 9 * C) @ w.reshape(9 * C, C_out)
+                del cols
+            else:
+                acc = None
+                for t in range(9):
+                    acc = _multiply_add(acc, _gather(rows, taps[t], border[t]), w[t], depthwise)
             if bias is not None:
                 acc += bias
-            out[active.index[start:stop]] = acc.to(out.dtype)  # scatter this chunk at once
+            out.index_copy_(0, active.index[start:stop], acc.to(out.dtype))  # scatter this chunk at once
             del acc  # free this chunk before the next one is gathered
         ctx.save_for_backward(x, weight)
-        ctx.active, ctx.depthwise, ctx.has_bias = active, depthwise, bias is not None
+        ctx.active, ctx.depthwise, ctx.has_bias, ctx.im2col = active, depthwise, bias is not None, im2col
         return out.view(B, H, W, C_out).permute(0, 3, 1, 2)  # channels_last
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        active, depthwise = ctx.active, ctx.depthwise
+        active, depthwise, im2col = ctx.active, ctx.depthwise, ctx.im2col
         B, C, H, W = x.shape
         C_out = weight.shape[0]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         rows, grad_rows = _rows(x), (x.new_zeros(B * H * W, C) if need_x else None)
         grad_y_all = _rows(grad_out)
         w = _tap_weights(weight, depthwise)
-        grad_w = [None] * 9  # per tap, fp32 at least
+        grad_w = [None] * 9  # per tap (im2col: all taps in [0]), fp32 at least
         grad_b = None
-        for start, stop, taps, cuts in _chunks(active, C, C_out, grad_out.numel() * x.element_size()):
+        pixel_bytes = (2 * 9 * C + C_out) * x.element_size() if im2col else 3 * max(C, C_out) * 4
+        for start, stop, taps, border in _chunks(active, pixel_bytes, grad_out.numel() * x.element_size(),
+                                                 not im2col):
             gy = grad_y_all.index_select(0, active.index[start:stop])  # (n, C_out)
             if need_b:
                 grad_b = _accumulate(grad_b, gy.sum(0))
+            if im2col:
+                n = len(gy)
+                if need_w:  # dL/dW = cols^T @ gy, or per channel and tap sum(cols * gy)
+                    cols = _windows(rows, taps, border)
+                    grad_w[0] = _accumulate(grad_w[0], (cols * gy[:, None]).sum(0)) if depthwise else \
+                        _multiply_add(grad_w[0], cols.view(n, 9 * C).t(), gy, False)
+                    del cols
+                if need_x:  # dL/dcols = gy @ W^T, added back where the windows came from
+                    gcols = gy[:, None] * w if depthwise else (gy @ w.reshape(9 * C, C_out).t()).view(n, 9, C)
+                    gcols.masked_fill_(border.t()[:, :, None], 0)  # clamped border taps received nothing
+                    grad_rows.index_add_(0, taps.t().reshape(-1), gcols.reshape(n * 9, C))
+                    del gcols
+                continue
             for t in range(9):
                 if need_w:  # dL/dW_t = rows_t^T @ gy, or per channel sum(rows_t * gy)
-                    g = _gather(rows, taps[t], cuts[t])
+                    g = _gather(rows, taps[t], border[t])
                     grad_w[t] = _accumulate(grad_w[t], (g * gy).sum(0)) if depthwise else \
                         _multiply_add(grad_w[t], g.t(), gy, False)
                     del g
                 if need_x:  # dL/drows_t = gy @ W_t^T, added back where the rows came from
                     gx = gy * w[t] if depthwise else gy @ w[t].t()  # (n, C)
-                    if cuts[t].numel():
-                        gx.index_fill_(0, cuts[t], 0)  # clamped border taps received nothing
+                    if border[t].numel():
+                        gx.index_fill_(0, border[t], 0)  # clamped border taps received nothing
                     grad_rows.index_add_(0, taps[t], gx)  # the transpose of the gather
                     del gx
         grad_x = grad_rows.view(B, H, W, C).permute(0, 3, 1, 2) if need_x else None
         grad_weight = grad_bias = None
         if need_w:
-            if depthwise:  # 9 x (C,) -> (C, 1, 3, 3)
-                grad_weight = torch.stack(grad_w, 1).reshape(C, 1, 3, 3)
-            else:  # (9, C_in, C_out) -> (C_out, C_in, 3, 3)
-                grad_weight = torch.stack(grad_w).reshape(3, 3, C, C_out).permute(3, 2, 0, 1)
+            grad_w = grad_w[0].reshape(9, C, -1) if im2col else torch.stack(grad_w)  # (9, C_in, C_out); (9, C) depthwise
+            if depthwise:  # -> (C, 1, 3, 3)
+                grad_weight = grad_w.reshape(9, C).t().reshape(C, 1, 3, 3)
+            else:  # -> (C_out, C_in, 3, 3)
+                grad_weight = grad_w.reshape(3, 3, C, C_out).permute(3, 2, 0, 1)
             grad_weight = grad_weight.to(weight.dtype)
         if need_b and ctx.has_bias:
             grad_bias = grad_b.to(weight.dtype)

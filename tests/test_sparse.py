@@ -10,6 +10,14 @@ import sparse
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture(params=["taps", "im2col"])
+def gather_form(request, monkeypatch):
+    """Both forms of the gather kernel on every device (sparse.GATHER picks one per
+    device type; each must equal the dense conv)."""
+    monkeypatch.setattr(sparse, "GATHER", {k: request.param for k in ("cpu", "cuda")})
+    return request.param
+
+
 @pytest.fixture
 def always_sparse(monkeypatch):
     """Turn the dispatch rule off: every masked conv gathers, however dense."""
@@ -45,7 +53,7 @@ CASES = [  # (B, C_in, C_out, H, W, groups)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("device", DEVICES)
-def test_masked_conv_equals_dense_times_mask(always_sparse, case, density, device):
+def test_masked_conv_equals_dense_times_mask(always_sparse, gather_form, case, density, device):
     B, Ci, Co, H, W, groups = case
     g = torch.Generator().manual_seed(sum(case))
     x = torch.randn(B, Ci, H, W, generator=g).to(device).requires_grad_()
@@ -76,7 +84,7 @@ def test_prepare_masks_indexes_each_mask_as_alone(device):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
-def test_masked_conv_input_layouts(always_sparse, layout):
+def test_masked_conv_input_layouts(always_sparse, gather_form, layout):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(2, 16, 10, 12, generator=g)
     x = base.contiguous(memory_format=torch.channels_last) if layout == "channels_last" \
@@ -97,9 +105,11 @@ def test_dispatch_gives_the_same_numbers():
 
 
 @pytest.mark.parametrize("groups", [1, 8])
-def test_chunked_gather_equals_dense(always_sparse, monkeypatch, groups):
-    # chunks of 7 pixels, most with border taps: values and gradients as the dense conv
-    monkeypatch.setattr(sparse, "CHUNK_BYTES", {**sparse.CHUNK_BYTES, "cpu": 3 * 8 * 4 * 7})
+def test_chunked_gather_equals_dense(always_sparse, gather_form, monkeypatch, groups):
+    # forward in chunks of 7 pixels (backward, needing more memory per pixel, in
+    # smaller ones), most with border taps: values and gradients as the dense conv
+    pixel_bytes = 9 * 8 * 4 + 8 * 4 if gather_form == "im2col" else 3 * 8 * 4  # as _MaskedConv.forward
+    monkeypatch.setattr(sparse, "CHUNK_BYTES", {**sparse.CHUNK_BYTES, "cpu": pixel_bytes * 7})
     monkeypatch.setattr(sparse, "MIN_CHUNK_BYTES", 0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 15, 15, generator=g).requires_grad_()
@@ -107,7 +117,9 @@ def test_chunked_gather_equals_dense(always_sparse, monkeypatch, groups):
     b = torch.randn(8, generator=g).requires_grad_()
     mask = random_masks((2, 15, 15), 0.5, 4)
     active = sparse.ActiveSet(mask)
-    assert len(list(sparse._chunks(active, 8, 8, 2 * 8 * 15 * 15 * 4))) == -(-len(active) // 7)
+    chunks = list(sparse._chunks(active, pixel_bytes, 2 * 8 * 15 * 15 * 4, gather_form == "taps"))
+    assert max(stop - start for start, stop, _, _ in chunks) <= 7
+    assert len(chunks) == -(-len(active) // 7)
     y = sparse.masked_conv2d(x, active, w, b, groups=groups)
     ref = F.conv2d(x, w, b, padding=1, groups=groups) * mask[:, None]
     assert_close(y, ref, 1e-5)
@@ -197,7 +209,7 @@ def test_head_uses_sparse_kernels_unless_dense():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_within_bf16_tolerance(always_sparse, device):
+def test_bf16_within_bf16_tolerance(always_sparse, gather_form, device):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 32, 12, 12, generator=g), torch.randn(32, 32, 3, 3, generator=g) * 0.1
     mask = random_masks((2, 12, 12), 0.3, 0)
