@@ -19,7 +19,7 @@ Map, in the paper's order:
     gate_activation        Eq. 3, the gate activation delta(v)
     SpatialGate            §2.2.1, Fig. 3c: 3x3 conv -> (GAP) -> activation
     masked_conv2d,         the one seam for masked computation (§2.2.3, §2.3):
-    masked_group_norm,       dense references with GN over the computed pixels
+    masked_group_norm(s),    dense references with GN over the computed pixels
     gate_conv2d, prepare_masks
     DepthPath, ScalePath   §2.2.3: the paths a router can send a pixel along
     Router                 §2.1, Eq. 2: one depth step of the routing space
@@ -97,8 +97,10 @@ class SpatialGate(nn.Module):
         nn.init.constant_(self.conv.bias, gate_init_bias(activation, tau, num_paths))
 
     def forward(self, x, paths=None, kernels=None):
-        # paths: indices of the output channels needed here (a level at the top or
-        # bottom of the pyramid has no finer or coarser neighbour); default all
+        # paths: a slice of the output channels needed here (a level at the top or
+        # bottom of the pyramid has no finer or coarser neighbour); default all. A
+        # slice, not a list: indexing a GPU tensor with a Python list copies the list
+        # to the GPU, and the host waits for the GPU to finish all its queued work.
         w, b = self.conv.weight, self.conv.bias
         if paths is not None:
             w, b = w[paths], b[paths]
@@ -159,12 +161,19 @@ def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
     return y.to(x.dtype)
 
 
+def masked_group_norms(xs, masks, num_groups, weight, bias, eps=1e-5):
+    """masked_group_norm of several maps (the levels of a pyramid) that share one
+    GroupNorm's weights; sparse.py runs them all in one pass."""
+    return [masked_group_norm(x, m, num_groups, weight, bias, eps) for x, m in zip(xs, masks)]
+
+
 class DenseKernels:
     """The dense reference kernels, as one namespace like the sparse module."""
     gate_conv2d = staticmethod(gate_conv2d)
     prepare_masks = staticmethod(prepare_masks)
     masked_conv2d = staticmethod(masked_conv2d)
     masked_group_norm = staticmethod(masked_group_norm)
+    masked_group_norms = staticmethod(masked_group_norms)
 
 
 # -----------------------------------------------------------------------------
@@ -203,17 +212,20 @@ class DepthPath(nn.Module):
             return [None, None]
         return [F.max_pool2d(active[:, None].float(), 3, 1, 1)[:, 0] > 0, active]
 
-    def forward(self, a, gate=None, masks=(None, None), kernels=DenseKernels):
-        # a (B, C, H, W); gate (B, 1, H, W) or None (fixed mode); masks from self.masks, prepared
-        M1, M2 = masks
-        G = self.gn1.num_groups
-        y = kernels.masked_conv2d(a, M1, self.conv1.weight)
-        y = F.relu(kernels.masked_group_norm(y, M1, G, self.gn1.weight, self.gn1.bias, self.gn1.eps), inplace=True)
-        y = kernels.masked_conv2d(y, M2, self.conv2.weight)
-        y = kernels.masked_group_norm(y, M2, G, self.gn2.weight, self.gn2.bias, self.gn2.eps)
+    def forward(self, xs, gates, masks, kernels=DenseKernels):
+        # Every level at once: xs[n] (B, C, H_n, W_n); gates[n] (B, 1, H_n, W_n) or None
+        # (fixed mode); masks[n] = (M1, M2) from self.masks, prepared. The convs run
+        # level by level; each GroupNorm, its weights shared by the levels, runs once
+        # for all of them (on a GPU, one set of kernel launches instead of five).
+        M1, M2 = zip(*masks)
+        gn1, gn2 = self.gn1, self.gn2
+        ys = [kernels.masked_conv2d(a, m, self.conv1.weight) for a, m in zip(xs, M1)]
+        ys = kernels.masked_group_norms(ys, M1, gn1.num_groups, gn1.weight, gn1.bias, gn1.eps)
+        ys = [kernels.masked_conv2d(F.relu(y, inplace=True), m, self.conv2.weight) for y, m in zip(ys, M2)]
+        ys = kernels.masked_group_norms(ys, M2, gn2.num_groups, gn2.weight, gn2.bias, gn2.eps)
         # Eq. 2: the path's output weighted by its gate, plus the residual
-        y = a + y if gate is None else torch.addcmul(a, gate, y)
-        return F.relu(y, inplace=True)
+        return [F.relu(a + y if g is None else torch.addcmul(a, g, y), inplace=True)
+                for a, g, y in zip(xs, gates, ys)]
 
     def full_macs(self, hw):
         return 2 * hw * self.unit_macs
@@ -242,11 +254,12 @@ class ScalePath(nn.Module):
         """The mask of the one conv: where the gate is on (None: everywhere)."""
         return [active]
 
-    def forward(self, x, gate=None, masks=(None,), kernels=DenseKernels):
-        M, = masks
-        y = kernels.masked_conv2d(x, M, self.conv.weight, groups=self.conv.groups)
-        y = kernels.masked_group_norm(y, M, self.gn.num_groups, self.gn.weight, self.gn.bias, self.gn.eps)
-        return y if gate is None else gate * y
+    def forward(self, xs, gates, masks, kernels=DenseKernels):
+        # The levels this path leaves from, at once, as DepthPath.forward; masks[n] = (M,)
+        M = [m for m, in masks]
+        ys = [kernels.masked_conv2d(x, m, self.conv.weight, groups=self.conv.groups) for x, m in zip(xs, M)]
+        ys = kernels.masked_group_norms(ys, M, self.gn.num_groups, self.gn.weight, self.gn.bias, self.gn.eps)
+        return [y if g is None else g * y for g, y in zip(gates, ys)]
 
     def full_macs(self, hw):
         return hw * self.unit_macs
@@ -279,7 +292,8 @@ class Router(nn.Module):
     Several paths may be on at one pixel: each gate is independent (Eq. 2).
     Each phase computes the gates of every level first, then hands all their masks
     to the kernels at once (sparse.py indexes them with one `nonzero`, so that the
-    host waits for a GPU once per phase, not once per mask), then runs the paths.
+    host waits for a GPU once per phase, not once per mask), then runs each path
+    once over all its levels (its GroupNorms normalise all the levels in one pass).
     """
 
     def __init__(self, channels, mode, paths, activation, tau, coarse, gn_groups):
@@ -310,18 +324,24 @@ class Router(nn.Module):
                 names = [p for p, ok in (("down", n < L - 1), ("up", n > 0)) if ok]
                 gates = actives = None
                 if self.dynamic:
-                    gates, actives = self.scale_gate(x, [("down", "up").index(p) for p in names], kernels)
+                    channels = slice(0 if "down" in names else 1, 2 if "up" in names else 1)  # (down, up)
+                    gates, actives = self.scale_gate(x, channels, kernels)
                     tally.add_gate(self.gate_macs * len(names), x)
                 plans.append([(name, None if gates is None else gates[:, i:i + 1],
                                None if actives is None else actives[:, i]) for i, name in enumerate(names)])
             masks = iter(self.prepare(kernels, [(self.down, act) for plan in plans for _, _, act in plan]))
-            sent_down, sent_up = [None] * L, [None] * L
+            runs = {"down": [], "up": []}  # per path, the levels it leaves from: (n, x, gate, active, masks)
             for n, (x, plan) in enumerate(zip(xs, plans)):
                 for name, g, act in plan:
-                    path = self.down if name == "down" else self.up
-                    out = path(x, g, next(masks), kernels)
+                    runs[name].append((n, x, g, act, next(masks)))
+            sent_down, sent_up = [None] * L, [None] * L
+            for name, path, sent in (("down", self.down, sent_down), ("up", self.up, sent_up)):
+                if not runs[name]:
+                    continue
+                levels, ins, gs, acts, ms = zip(*runs[name])
+                for n, x, g, act, out in zip(levels, ins, gs, acts, path(ins, gs, ms, kernels)):
                     tally.add_path(path, g, act, x, name, n)
-                    (sent_down if name == "down" else sent_up)[n] = out
+                    sent[n] = out
             a = []
             for n, x in enumerate(xs):
                 arriving = [resize(s, x.shape[-2:]) for s in
@@ -336,10 +356,9 @@ class Router(nn.Module):
             gates = [(g, act[:, 0]) for g, act in gates]
             for an in a:
                 tally.add_gate(self.gate_macs, an)
-        masks = iter(self.prepare(kernels, [(self.depth, act) for _, act in gates]))
-        outs = []
+        masks = self.prepare(kernels, [(self.depth, act) for _, act in gates])
+        outs = self.depth(a, [g for g, _ in gates], masks, kernels)
         for n, (an, (g, act)) in enumerate(zip(a, gates)):
-            outs.append(self.depth(an, g, next(masks), kernels))
             tally.add_path(self.depth, g, act, an, "depth", n)
         return outs
 

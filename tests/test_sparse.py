@@ -146,6 +146,31 @@ def test_masked_group_norm_equals_dense_reference(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_masked_group_norms_of_several_maps_equal_one_call_each(device):
+    # three maps of different sizes (pyramid levels) sharing one GroupNorm, in one
+    # pass: values and gradients as the dense reference run map by map
+    g = torch.Generator().manual_seed(7)
+    sizes = [(9, 11), (5, 6), (3, 3)]
+    xs = [torch.randn(2, 16, h, w, generator=g).to(device).requires_grad_() for h, w in sizes]
+    w = torch.randn(16, generator=g).to(device).requires_grad_()
+    b = torch.randn(16, generator=g).to(device).requires_grad_()
+    masks = [random_masks((2, h, w), 0.5, i).to(device) for i, (h, w) in enumerate(sizes)]
+    masks[1][0] = False  # one image of one map with nothing active
+    masks[2][1] = True   # one with everything
+    got = sparse.masked_group_norms(xs, masks, 4, w, b)
+    want = [dynhead.masked_group_norm(x, m, 4, w, b) for x, m in zip(xs, masks)]
+    for y, ref in zip(got, want):
+        assert_close(y, ref, 1e-5)
+    dys = [torch.randn(y.shape, generator=g).to(device) for y in want]
+    grads_got = torch.autograd.grad(got, xs + [w, b], dys)
+    grads_want = torch.autograd.grad(want, xs + [w, b], dys)
+    for a, r in zip(grads_got, grads_want):
+        assert_close(a, r, 1e-5)
+    with pytest.raises(ValueError, match="must all be"):
+        sparse.masked_group_norms([xs[0], xs[1][:1]], [masks[0], masks[1][:1]], 4, w, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_paths_switched_off_everywhere_still_get_gradients(device):
     """DDP requires every parameter to receive a gradient at every step, even a
     path whose gate is 0 at every pixel of the batch: a zero gradient, not none."""
