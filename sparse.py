@@ -98,12 +98,23 @@ class ActiveSet:
     def __init__(self, mask, index=None):
         _check_mask(mask)
         self.mask = mask
-        if index is None:
-            index = mask.reshape(-1).nonzero().squeeze(1)
-        self.index = index  # (N,) flat b*H*W + y*W + x
-        self.density = index.numel() / max(1, mask.numel())
+        if index is not None:  # else the mask is indexed when first needed
+            self.index = index
         self._taps = None
         self._cuts = {}  # chunk size -> outside taps per chunk
+
+    @functools.cached_property
+    def index(self):
+        """(N,) the active pixels' flat positions b*H*W + y*W + x."""
+        return self.mask.reshape(-1).nonzero().squeeze(1)
+
+    @property
+    def indexed(self):
+        return "index" in self.__dict__
+
+    @property
+    def density(self):
+        return self.index.numel() / max(1, self.mask.numel())
 
     @functools.cached_property
     def batch(self):
@@ -176,10 +187,15 @@ def prepare_masks(masks):
 
 
 def use_dense(active, kind, x):
-    """The dispatch rule: run the dense conv where gathering would be slower."""
+    """The dispatch rule: run the dense conv where gathering would be slower. Where
+    it would be slower at any density (a threshold of 0: every conv on a GPU), a
+    mask not yet indexed is not indexed for it (on a GPU, a host sync that alone
+    costs as much as the conv); an indexed empty mask still costs nothing."""
     B, H, W = active.mask.shape
     threshold = DENSE_ABOVE.get((x.device.type, kind), 0.0)
-    return H * W < MIN_PIXELS or active.density > threshold
+    if H * W < MIN_PIXELS or (threshold <= 0 and not active.indexed):
+        return True
+    return active.density > threshold
 
 
 def _check(x, active, weight, groups):

@@ -104,6 +104,24 @@ def test_dispatch_gives_the_same_numbers():
         assert_close(sparse.masked_conv2d(x, mask, w), F.conv2d(x, w, padding=1) * mask[:, None], 1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_is_not_indexed_where_dense_always_wins(monkeypatch, device):
+    # threshold 0 (as for every conv on a GPU): a lone mask runs the dense conv with no
+    # nonzero (no host sync); a mask indexed already still gathers when it is empty
+    monkeypatch.setattr(sparse, "DENSE_ABOVE", {k: 0.0 for k in sparse.DENSE_ABOVE})
+    monkeypatch.setattr(sparse, "MIN_PIXELS", 0)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 8, 6, 7, generator=g).to(device), torch.randn(8, 8, 3, 3, generator=g).to(device)
+    mask = random_masks((2, 6, 7), 0.4, 1).to(device)
+    active = sparse.ActiveSet(mask)
+    assert_close(sparse.masked_conv2d(x, active, w), F.conv2d(x, w, padding=1) * mask[:, None], 1e-5)
+    assert not active.indexed
+    empty = sparse.ActiveSet(torch.zeros_like(mask), index=torch.zeros(0, dtype=torch.long, device=device))
+    assert not sparse.use_dense(empty, "conv", x)
+    assert sparse.masked_conv2d(x, empty, w).abs().max() == 0
+    assert sparse.use_dense(sparse.prepare_masks([mask, mask])[0], "conv", x)  # indexed, dense enough
+
+
 @pytest.mark.parametrize("groups", [1, 8])
 def test_chunked_gather_equals_dense(always_sparse, gather_form, monkeypatch, groups):
     # forward in chunks of 7 pixels (backward, needing more memory per pixel, in
