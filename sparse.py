@@ -9,18 +9,20 @@ CPU and GPU, dense (3x3, C -> C') and depthwise convs:
 
     1. index the mask once (`prepare_masks`): the flat positions of the active
        pixels, and for each of them the 9 neighbours of a 3x3 window -- clamped
-       to the image, with the taps that fall outside it listed to be zeroed
+       to the image, with the taps that fall outside it marked to be zeroed
        (no padding of the whole map);
-    2. for each of the 9 taps (dy, dx) of the window: gather the (n, C) rows of
-       the active pixels' neighbours at that offset from the channels-last map,
-       and add rows @ W_tap, a (C, C') GEMM, into an (n, C') accumulator -- or a
-       multiply-add per channel for depthwise -- over chunks of n pixels;
+    2. over chunks of n pixels, on the CPU for each of the 9 taps (dy, dx) of the
+       window: gather the (n, C) rows of the active pixels' neighbours at that
+       offset from the channels-last map, and add rows @ W_tap, a (C, C') GEMM,
+       into an (n, C') accumulator -- or a multiply-add per channel for
+       depthwise; on a GPU gather the (n, 9C) windows at once and run one GEMM;
     3. scatter the (n, C') rows back into a zero map.
 
 Nine GEMMs of K = C rather than one im2col GEMM of K = 9C: the same arithmetic,
 but a chunk needs 2-3 rows per pixel of working memory (forward, backward) instead
 of 10, so that within the same budget each GEMM runs on 3x more pixels in fp32
-(1.5x in bf16) -- on the CPU, 5-15% faster.
+(1.5x in bf16) -- on the CPU, 5-15% faster. On a GPU, where the time goes into
+launching kernels, the one GEMM of im2col wins (GATHER).
 
 Backward is the same gather -> GEMM -> scatter-add in reverse, so gradients are
 exact: the gate activation has zero value and zero gradient where it is 0 (Eq. 3),
