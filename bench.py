@@ -151,7 +151,7 @@ def conv_cases(device, dtype, batches, densities):
                 def dense(x=x, w=w, mask=mask, groups=groups):  # the best dense can do: conv, then mask
                     return F.conv2d(x, w, padding=1, groups=groups) * mask[:, None].to(x.dtype)
 
-                def masked(x=x, w=w, mask=mask, groups=groups):  # as the head calls it: index, then kernel
+                def masked(x=x, w=w, mask=mask, groups=groups):  # as a lone call: wrap the mask, then dispatch
                     return sparse.masked_conv2d(x, sparse.prepare_mask(mask), w, groups=groups)
 
                 def gather(masked=masked):

@@ -452,6 +452,9 @@ class DynamicHead(nn.Module):
                              f"pick gn_groups among the divisors of {channels}")
         if depth < 1 or num_levels < 1:
             raise ValueError(f"depth and num_levels must be >= 1, got {depth} and {num_levels}")
+        if num_levels < 2 and "scale" in paths:
+            raise ValueError("scale paths go between levels and need num_levels >= 2; "
+                             "with one level use paths=('depth',)")
         if activation == "proposed" and tau < 0:
             raise ValueError(f"tau must be >= 0 (Eq. 3), got {tau}")
         self.channels, self.num_levels, self.mode = channels, num_levels, mode

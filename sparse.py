@@ -161,7 +161,8 @@ class ActiveSet:
 
 
 def prepare_mask(mask):
-    """Index a bool mask once; None (compute everything) passes through."""
+    """Wrap a bool mask as an ActiveSet, indexed when first needed and then shared;
+    None (compute everything) passes through."""
     if mask is None or isinstance(mask, ActiveSet):
         return mask
     return ActiveSet(mask)
@@ -172,7 +173,7 @@ def prepare_masks(masks):
     them: on a GPU, the host waits once for the work queued before (then twice
     more, briefly, for the masks' shares) instead of once per mask. A router phase
     that indexed each of its 8-10 masks (5 levels) on its own would stall the GPU
-    as many times."""
+    as many times. A lone mask is only wrapped (indexed when first needed)."""
     todo = [m for m in masks if m is not None and not isinstance(m, ActiveSet)]
     if len(todo) < 2:
         return [prepare_mask(m) for m in masks]
@@ -304,7 +305,10 @@ class _MaskedConv(torch.autograd.Function):
         im2col = GATHER.get(x.device.type, "im2col") == "im2col"
         rows, w = _rows(x), _tap_weights(weight, depthwise)
         out = x.new_zeros(B * H * W, C_out)
-        pixel_bytes = (9 * C * x.element_size() + C_out * 4) if im2col else 3 * max(C, C_out) * 4
+        # working memory per pixel: the windows (and, depthwise, their product with the
+        # weights) and the fp32 result; or, nine GEMMs, one tap's rows and the accumulator
+        pixel_bytes = ((2 if depthwise else 1) * 9 * C * x.element_size() + C_out * 4) if im2col else \
+            3 * max(C, C_out) * 4
         for start, stop, taps, border in _chunks(active, pixel_bytes, out.numel() * out.element_size(), not im2col):
             if im2col:
                 cols = _windows(rows, taps, border)  # (n, 9, C)
@@ -438,15 +442,19 @@ def masked_group_norms(xs, masks, num_groups, weight, bias, eps=1e-5):
     is a segment with statistics of its own. The same numbers as one call per map,
     in about a third of the kernel launches for five levels: on a GPU, where the
     head's time goes into launching small kernels, that is what counts."""
+    if len(xs) != len(masks):
+        raise ValueError(f"{len(xs)} maps but {len(masks)} masks; give one mask (or None) per map")
+    if not xs:
+        return []
     if any(m is None for m in masks):  # fixed mode: plain GroupNorm, map by map
         return [F.group_norm(x, num_groups, weight, bias, eps) if m is None else
                 masked_group_norm(x, m, num_groups, weight, bias, eps) for x, m in zip(xs, masks)]
     actives = [prepare_mask(m) for m in masks]
     B, C = xs[0].shape[:2]
     for x, active in zip(xs, actives):
-        if x.dim() != 4 or x.shape[:2] != (B, C):
+        if x.dim() != 4 or x.shape[:2] != (B, C) or x.dtype != xs[0].dtype or x.device != xs[0].device:
             raise ValueError(f"maps normalised together must all be (B, C, H, W) with (B, C) = {(B, C)}, "
-                             f"got {tuple(x.shape)}")
+                             f"of one dtype and device; got {tuple(x.shape)} {x.dtype} on {x.device}")
         if tuple(active.mask.shape) != (B, *x.shape[2:]):
             raise ValueError(f"mask must be (B, H, W) = {(B, *x.shape[2:])} to match x, got {tuple(active.mask.shape)}")
     if C % num_groups:

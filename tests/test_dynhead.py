@@ -259,6 +259,7 @@ def test_masked_conv_zeroes_outside_mask():
     ({"paths": ("depth", "diagonal")}, "unknown paths"),
     ({"paths": ()}, "unknown paths"),
     ({"channels": 30, "gn_groups": 4}, "divisible by gn_groups"),
+    ({"num_levels": 1}, "need num_levels >= 2"),
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):

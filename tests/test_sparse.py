@@ -119,14 +119,15 @@ def test_mask_is_not_indexed_where_dense_always_wins(monkeypatch, device):
     empty = sparse.ActiveSet(torch.zeros_like(mask), index=torch.zeros(0, dtype=torch.long, device=device))
     assert not sparse.use_dense(empty, "conv", x)
     assert sparse.masked_conv2d(x, empty, w).abs().max() == 0
-    assert sparse.use_dense(sparse.prepare_masks([mask, mask])[0], "conv", x)  # indexed, dense enough
+    prepared = sparse.prepare_masks([mask, mask])[0]
+    assert prepared.indexed and sparse.use_dense(prepared, "conv", x)  # indexed, and dense enough
 
 
 @pytest.mark.parametrize("groups", [1, 8])
 def test_chunked_gather_equals_dense(always_sparse, gather_form, monkeypatch, groups):
-    # forward in chunks of 7 pixels (backward, needing more memory per pixel, in
-    # smaller ones), most with border taps: values and gradients as the dense conv
-    pixel_bytes = 9 * 8 * 4 + 8 * 4 if gather_form == "im2col" else 3 * 8 * 4  # as _MaskedConv.forward
+    # chunks of at most 7 pixels (fewer where a pass needs more memory per pixel than
+    # this estimate), most with border taps: values and gradients as the dense conv
+    pixel_bytes = 9 * 8 * 4 + 8 * 4 if gather_form == "im2col" else 3 * 8 * 4  # as _MaskedConv.forward, dense
     monkeypatch.setattr(sparse, "CHUNK_BYTES", {**sparse.CHUNK_BYTES, "cpu": pixel_bytes * 7})
     monkeypatch.setattr(sparse, "MIN_CHUNK_BYTES", 0)
     g = torch.Generator().manual_seed(0)
@@ -135,14 +136,22 @@ def test_chunked_gather_equals_dense(always_sparse, gather_form, monkeypatch, gr
     b = torch.randn(8, generator=g).requires_grad_()
     mask = random_masks((2, 15, 15), 0.5, 4)
     active = sparse.ActiveSet(mask)
-    chunks = list(sparse._chunks(active, pixel_bytes, 2 * 8 * 15 * 15 * 4, gather_form == "taps"))
-    assert max(stop - start for start, stop, _, _ in chunks) <= 7
-    assert len(chunks) == -(-len(active) // 7)
+    passes, chunks = [], sparse._chunks
+
+    def recording(*args):  # the chunk sizes of each pass (forward, backward) as they run
+        passes.append([stop - start for start, stop, _, _ in chunks(*args)])
+        return chunks(*args)
+
+    monkeypatch.setattr(sparse, "_chunks", recording)
     y = sparse.masked_conv2d(x, active, w, b, groups=groups)
     ref = F.conv2d(x, w, b, padding=1, groups=groups) * mask[:, None]
     assert_close(y, ref, 1e-5)
     for got, want in zip(grads(y, (x, w, b)), grads(ref, (x, w, b))):
         assert_close(got, want, 1e-5)
+    (forward, *backward) = passes
+    assert max(forward) <= 7 and len(forward) >= -(-len(active) // 7)
+    assert backward and all(len(sizes) > 1 for sizes in backward)
+    assert all(sum(sizes) == len(active) for sizes in passes)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -221,7 +230,7 @@ def partly_off_head(device, **kw):
 
 @pytest.mark.parametrize("kw", [{}, {"paths": ("depth",)}, {"coarse": True}])
 @pytest.mark.parametrize("device", DEVICES)
-def test_head_sparse_equals_dense(always_sparse, kw, device):
+def test_head_sparse_equals_dense(always_sparse, gather_form, kw, device):
     head = partly_off_head(device, **kw)
     g = torch.Generator().manual_seed(1)
     feats = [torch.randn(2, 16, h, w, generator=g).to(device) for h, w in [(24, 20), (12, 10), (6, 5), (3, 3), (2, 2)]]
@@ -256,10 +265,18 @@ def test_bf16_within_bf16_tolerance(always_sparse, gather_form, device):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 32, 12, 12, generator=g), torch.randn(32, 32, 3, 3, generator=g) * 0.1
     mask = random_masks((2, 12, 12), 0.3, 0)
+    x.requires_grad_(), w.requires_grad_()
     ref = F.conv2d(x, w, padding=1) * mask[:, None]
-    y = sparse.masked_conv2d(x.bfloat16().to(device), mask.to(device), w.bfloat16().to(device))
+    xb, wb = x.detach().bfloat16().to(device).requires_grad_(), w.detach().bfloat16().to(device).requires_grad_()
+    y = sparse.masked_conv2d(xb, mask.to(device), wb)
     assert y.dtype == torch.bfloat16
     assert_close(y.float().cpu(), ref, 2e-2)  # bf16 keeps 8 bits of mantissa
+    dy = torch.randn(y.shape, generator=g)
+    gx, gw = torch.autograd.grad(y, (xb, wb), dy.bfloat16().to(device))
+    rx, rw = torch.autograd.grad(ref, (x, w), dy)
+    assert gx.dtype == gw.dtype == torch.bfloat16
+    assert_close(gx.float().cpu(), rx, 2e-2)
+    assert_close(gw.float().cpu(), rw, 2e-2)
 
 
 @pytest.mark.parametrize("call,match", [
@@ -295,7 +312,7 @@ def test_gate_conv_equals_conv2d(paths):
         assert_close(got, want, 1e-12)
 
 
-def test_autocast_bf16_matches_dense_autocast(always_sparse):
+def test_autocast_bf16_matches_dense_autocast(always_sparse, gather_form):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 32, 12, 12, generator=g, requires_grad=True)
     w = (torch.randn(32, 32, 3, 3, generator=g) * 0.1).requires_grad_()
