@@ -324,8 +324,8 @@ class Router(nn.Module):
                 names = [p for p, ok in (("down", n < L - 1), ("up", n > 0)) if ok]
                 gates = actives = None
                 if self.dynamic:
-                    channels = slice(0 if "down" in names else 1, 2 if "up" in names else 1)  # (down, up)
-                    gates, actives = self.scale_gate(x, channels, kernels)
+                    wanted = slice(0 if "down" in names else 1, 2 if "up" in names else 1)  # of (down, up)
+                    gates, actives = self.scale_gate(x, wanted, kernels)
                     tally.add_gate(self.gate_macs * len(names), x)
                 plans.append([(name, None if gates is None else gates[:, i:i + 1],
                                None if actives is None else actives[:, i]) for i, name in enumerate(names)])

@@ -91,11 +91,11 @@ def _check_mask(mask):
 
 
 class ActiveSet:
-    """A (B, H, W) bool mask, indexed once and reused by every conv and GroupNorm
-    that shares it. Indexing a mask costs a host sync on a GPU (`nonzero`'s size
-    is data-dependent): `prepare_masks` indexes all the masks of a router phase
-    with one `nonzero`. The 3x3 neighbours (`taps`) cost no sync; the CPU kernel's
-    per-chunk lists of border taps (`cuts`) one per mask."""
+    """A (B, H, W) bool mask, indexed once -- when first needed -- and reused by
+    every conv and GroupNorm that shares it. Indexing a mask costs a host sync on a
+    GPU (`nonzero`'s size is data-dependent): `prepare_masks` indexes all the masks
+    of a router phase with one `nonzero`. The 3x3 neighbours (`taps`) cost no sync;
+    the CPU kernel's per-chunk lists of border taps (`cuts`) one per mask."""
 
     def __init__(self, mask, index=None):
         _check_mask(mask)
