@@ -55,11 +55,18 @@ def gate_activation(v, tau=1.5):
     Values lie in [0, 1]; tau = 0 gives the restricted tanh max(0, tanh(v)). For
     v <= 0 both the value and the gradient are exactly 0, which is what lets a
     masked-out pixel be skipped in training as well as inference (§2.2.3).
+
+    Near v = 0 the sum tanh(v - tau) + tanh(tau) cancels (in bf16, gates of v up
+    to ~0.004 came out exactly 0: pixels computed with a dead gradient), so it is
+    evaluated as tanh(a) + tanh(b) = sinh(a + b) / (cosh(a) cosh(b)), with
+    cosh(tau) (1 + tanh(tau)) = e^tau:  delta(v) = e^-tau sinh(v) / cosh(v - tau),
+    positive for every v > 0. It runs in fp32 at least (cosh overflows fp16 at 11);
+    rounded back to fp16, only the gates of v below ~5e-7 underflow to 0.
     """
-    t = math.tanh(tau)
-    g = (torch.tanh(v - tau) + t) / (1 + t)
-    # torch.where (not clamp) so that v <= 0 gives an exact 0 with an exact 0 gradient
-    return torch.where(v > 0, g.clamp_min(0), torch.zeros_like(g))
+    vf = v.to(torch.promote_types(v.dtype, torch.float32)).clamp_max(40.0)  # delta(40) is 1 in fp64
+    g = math.exp(-tau) * torch.sinh(vf) / torch.cosh(vf - tau)
+    # torch.where so that v <= 0 gives an exact 0 with an exact 0 gradient
+    return torch.where(vf > 0, g, torch.zeros_like(g)).to(v.dtype)
 
 
 def gate_init_bias(activation, tau, num_paths=1):
@@ -82,9 +89,11 @@ class SpatialGate(nn.Module):
     `active` map of where each path must be computed.
 
     activation: "proposed" (Eq. 3 with tau), "restricted_tanh" (tau = 0), or
-        "softmax" (Tab. 2's soft attention: per pixel, a softmax across this
-        router's paths and one fixed "no path" logit 0, so a lone path is not
-        stuck at 1; never exactly 0, so nothing is ever skipped).
+        "softmax" (Tab. 2's soft attention: per pixel, a softmax across the
+        paths this gate conv decides -- the depth gate and the scale gates are
+        separate convs on different inputs (§2.1), so they do not compete -- and
+        one fixed "no path" logit 0, so a lone path is not stuck at 1; never
+        exactly 0, so nothing is ever skipped).
     coarse: global average pooling between the conv and the activation -- one
         gate per image and path, Tab. 1's coarse-grained baseline.
     """
@@ -385,9 +394,9 @@ class HeadCost(NamedTuple):
 class _Tally:
     """Accumulates the costs of one forward, and the gates for visualisation."""
 
-    def __init__(self, batch, device, depth, num_levels):
+    def __init__(self, batch, device, dtype, depth, num_levels):
         f64 = dict(device=device, dtype=torch.float64)
-        self.soft = torch.zeros(batch, device=device)
+        self.soft = torch.zeros(batch, device=device, dtype=torch.promote_types(dtype, torch.float32))
         self.soft_total = 0.0  # Eq. 5's denominator: the gated paths' full cost
         self.executed, self.full = torch.zeros(batch, **f64), torch.zeros(batch, **f64)
         self.gates = [dict() for _ in range(depth)]
@@ -405,7 +414,7 @@ class _Tally:
             self.executed += full
             return
         soft, executed = path.costs(gate, active)
-        self.soft = self.soft + soft.float()
+        self.soft = self.soft + soft.to(self.soft.dtype)
         self.soft_total += full
         self.executed += executed.double()
         levels = self.gates[self.step].setdefault(name, [None] * self.num_levels)
@@ -487,7 +496,7 @@ class DynamicHead(nn.Module):
     def forward(self, features):
         self.check(features)
         x = features[0]
-        tally = _Tally(x.shape[0], x.device, len(self.routers), self.num_levels)
+        tally = _Tally(x.shape[0], x.device, x.dtype, len(self.routers), self.num_levels)
         kernels = self.kernels()
         xs = list(features)
         for step, router in enumerate(self.routers):

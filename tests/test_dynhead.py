@@ -41,8 +41,8 @@ def test_gate_activation_matches_eq3(tau):
 
 
 def test_tau_zero_is_restricted_tanh():
-    v = torch.linspace(-5, 5, 1001)
-    assert torch.equal(gate_activation(v, 0.0), torch.tanh(v).clamp_min(0))
+    v = torch.linspace(-5, 5, 1001, dtype=torch.float64)
+    assert torch.allclose(gate_activation(v, 0.0), torch.tanh(v).clamp_min(0), rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("tau", [0.0, 1.0, 1.5])
@@ -55,6 +55,25 @@ def test_slope_at_zero_and_zero_gradient_below(tau):
     if tau == 1.5:
         assert slope == pytest.approx(0.0949, abs=1e-4)  # DESIGN §3
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gate_activation_in_low_precision_is_eq3_rounded_once(dtype):
+    # Near v = 0, tanh(v - tau) + tanh(tau) cancels: in bf16 arithmetic gates of
+    # small positive v came out exactly 0 (computed pixels with a dead gradient).
+    v = torch.linspace(-0.1, 0.1, 2001).to(dtype)
+    v.requires_grad_()
+    got = gate_activation(v, 1.5)
+    t = math.tanh(1.5)
+    expected = [max(0.0, (math.tanh(x - 1.5) + t) / (1 + t)) for x in v.tolist()]
+    assert got.dtype == dtype
+    expected = torch.tensor(expected, dtype=torch.float64)
+    # rounded once, at the end: within half an ulp of Eq. 3 (fp32 evaluation error aside;
+    # below the smallest normal number the ulp stops shrinking)
+    finfo = torch.finfo(dtype)
+    assert ((got.double() - expected).abs() <= (finfo.eps / 2 + 1e-6) * expected.clamp_min(finfo.tiny)).all()
+    assert torch.equal(got > 0, v > 0)  # a gate is on exactly where its pixel is computed
+    got.sum().backward()
+    assert (v.grad[v > 0] > 0).all()
 
 # -- init and gradients ---------------------------------------------------------
 
