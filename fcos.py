@@ -48,7 +48,9 @@ HEADS = ("fcos", "fixed", "dynamic")
 
 def build_backbone(name, pretrained, channels):
     """ResNet with frozen BatchNorm, stem and first stage frozen, FPN on C3-C5, and
-    P6 / P7 by stride-2 3x3 convs on C5 and relu(P6) (DESIGN §6).
+    P6 / P7 by stride-2 3x3 convs on C5 and relu(P6) (DESIGN §6; torchvision's
+    LastLevelP6P7 starts from P5 instead where C5 has as many channels as the FPN:
+    resnet18/34 with channels=512).
 
     Without pretrained weights nothing is frozen and BatchNorm trains, as in
     torchvision's detectors: frozen random layers would only hold training back."""
@@ -257,15 +259,17 @@ class FCOS(nn.Module):
         and the targets in resized coordinates."""
         if not isinstance(images, (list, tuple)) or not images:
             raise ValueError("images must be a non-empty list of (3, H, W) float tensors in [0, 1]")
+        if targets is not None and len(targets) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(targets)} targets; pass one target dict per image")
         resized, sizes, scales = [], [], []
         for i, img in enumerate(images):
-            if img.dim() != 3 or img.shape[0] != 3 or not img.is_floating_point():
-                raise ValueError(f"image {i}: expected a float (3, H, W) tensor in [0, 1], "
+            if img.dim() != 3 or img.shape[0] != 3 or not img.is_floating_point() or 0 in img.shape:
+                raise ValueError(f"image {i}: expected a float (3, H, W) tensor in [0, 1], H and W > 0, "
                                  f"got {img.dtype} {tuple(img.shape)}")
             h, w = img.shape[-2:]
             scale = min(self.min_size / min(h, w), self.max_size / max(h, w))
-            size = (round(h * scale), round(w * scale))
-            img = (img.to(self.mean.device) - self.mean) / self.std
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            img = (img.to(self.mean) - self.mean) / self.std  # the model's device and dtype
             img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
             resized.append(img), sizes.append(size), scales.append((size[1] / w, size[0] / h))
         H = math.ceil(max(s[0] for s in sizes) / 32) * 32
@@ -279,6 +283,9 @@ class FCOS(nn.Module):
         return batch, sizes, scales, targets
 
     def check_target(self, target, i, scale):
+        if not isinstance(target, dict) or not {"boxes", "labels"} <= target.keys():
+            raise ValueError(f"target {i}: expected a dict with 'boxes' (N, 4) xyxy and 'labels' (N,), "
+                             f"got {type(target).__name__} {list(target) if isinstance(target, dict) else ''}")
         boxes, labels = target["boxes"].to(self.mean.device).float(), target["labels"].to(self.mean.device)
         if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
             raise ValueError(f"target {i}: expected boxes (N, 4) xyxy and labels (N,), "
@@ -333,10 +340,13 @@ class FCOS(nn.Module):
         loss_cls = sigmoid_focal_loss(cls, onehot, alpha=0.25, gamma=2.0, reduction="sum") / num_pos
         p_points = points[None].expand(len(targets), -1, -1)[pos]
         ctr_target = centerness_target(reg_targets[pos])
+        # every process joins this all-reduce, positives or not: one that skipped it
+        # would pair its next collective (DDP's gradient all-reduce) with this one
+        ctr_sum = mean_over_ranks(ctr_target.sum()).clamp_min(1e-6)
         if pos.any():
             giou = generalized_box_iou_loss(ltrb_to_boxes(p_points, box[pos].float()),
                                             ltrb_to_boxes(p_points, reg_targets[pos]), reduction="none")
-            loss_box = (giou * ctr_target).sum() / mean_over_ranks(ctr_target.sum()).clamp_min(1e-6)
+            loss_box = (giou * ctr_target).sum() / ctr_sum
             loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos].float(), ctr_target, reduction="sum") / num_pos
         else:  # no positives: zero losses that keep the predictors in the graph (DDP)
             loss_box, loss_ctr = box.sum() * 0, ctr.sum() * 0
@@ -355,17 +365,19 @@ class FCOS(nn.Module):
     @torch.no_grad()
     def detect(self, cls, box, ctr, points, levels, sizes, scales, score_thresh=0.05, top_per_level=1000,
                nms_iou=0.6, max_detections=100):
-        """Per image: score sqrt(cls * centerness) > 0.05, the best 1000 per level,
-        boxes clipped to the image, class-wise NMS at IoU 0.6, the best 100, mapped
-        back to the input image's coordinates."""
+        """Per image, as FCOS and the authors' code: candidates whose class
+        probability is > 0.05, the best 1000 per level by score sqrt(cls *
+        centerness), boxes clipped to the image, class-wise NMS at IoU 0.6, the best
+        100, mapped back to the input image's coordinates."""
         results = []
         for i in range(cls.shape[0]):
-            scores = torch.sqrt(torch.sigmoid(cls[i].float()) * torch.sigmoid(ctr[i].float())[:, None])  # (P, K)
+            probs = torch.sigmoid(cls[i].float())  # (P, K)
+            scores = torch.sqrt(probs * torch.sigmoid(ctr[i].float())[:, None])  # (P, K)
             boxes_all, scores_all, labels_all = [], [], []
             for level in range(len(STRIDES)):
                 at = levels == level
                 s = scores[at]
-                keep = (s > score_thresh).nonzero()  # (n, 2): cell, class
+                keep = (probs[at] > score_thresh).nonzero()  # (n, 2): cell, class
                 top = s[keep[:, 0], keep[:, 1]].topk(min(top_per_level, len(keep)))
                 keep = keep[top.indices]
                 boxes_all.append(ltrb_to_boxes(points[at][keep[:, 0]], box[i][at][keep[:, 0]].float()))

@@ -1,6 +1,9 @@
 """fcos.py against hand-computed targets, torchvision's losses recomputed by hand,
 and overfitting one synthetic image with each head."""
+import datetime
 import math
+import os
+import socket
 import warnings
 
 import pytest
@@ -134,16 +137,86 @@ def test_image_without_boxes_trains():
     assert losses["loss_box_reg"].item() == 0 and losses["loss_cls"].item() > 0
 
 
+def _losses_on_two_ranks(rank, port, out):
+    """One of two gloo processes: losses of a model on its own image (rank 1's has no
+    boxes), alone and then under the process group, then one more all-reduce, as
+    DDP's gradient all-reduce follows the losses."""
+    torch.manual_seed(0)
+    model = FCOS(2, backbone="resnet18", head="dynamic", depth=1, pretrained_backbone=False,
+                 min_size=128, max_size=128, channels=32)
+    boxes = torch.tensor([[10., 12, 50, 40], [60, 30, 120, 110]]) if rank == 0 else torch.zeros(0, 4)
+    args = [torch.rand(3, 128, 128)], [{"boxes": boxes, "labels": torch.zeros(len(boxes), dtype=torch.long)}]
+    alone = {k: v.item() for k, v in model(*args).items()}
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=60))
+    together = {k: v.item() for k, v in model(*args).items()}
+    after = torch.tensor([1000.0 + rank])
+    torch.distributed.all_reduce(after)
+    torch.distributed.destroy_process_group()
+    torch.save({"alone": alone, "together": together, "after": after.item()}, os.path.join(out, f"{rank}.pt"))
+
+
+def test_ranks_without_positives_join_the_same_collectives(tmp_path):
+    # FCOS divides by normalisers averaged over all processes; a process whose
+    # images have no positives must still join every all-reduce, or its next one
+    # (DDP's gradients) pairs with another process's normaliser.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_losses_on_two_ranks, args=(port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
+    assert r0["after"] == r1["after"] == 2001.0
+    # rank 1 has no positives, so each normaliser averaged over both is half rank 0's own
+    for k in ("loss_cls", "loss_box_reg", "loss_centerness"):
+        assert r0["together"][k] == pytest.approx(2 * r0["alone"][k], rel=1e-5)
+    assert r1["together"]["loss_box_reg"] == 0 and r1["alone"]["loss_box_reg"] == 0
+
+
+def test_detect_thresholds_class_probability_and_ranks_by_score():
+    # FCOS and the authors' code: candidates where sigmoid(cls) > 0.05, ranked per
+    # level by sqrt(cls * centerness); that score is what the detections carry
+    points, levels = locations([(4, 4), (2, 2), (1, 1), (1, 1), (1, 1)], "cpu")
+    logit = lambda p: math.log(p / (1 - p))
+    P = len(points)
+    cls, ctr, box = torch.full((1, P, 1), -20.0), torch.full((1, P), -20.0), torch.ones(1, P, 4)
+    cells = {0: (0.04, 0.95), 5: (0.30, 0.005), 10: (0.10, 0.9), 15: (0.50, 0.1)}  # P3 cells: (cls, centerness)
+    for cell, (p, c) in cells.items():
+        cls[0, cell, 0], ctr[0, cell] = logit(p), logit(c)
+    model = FCOS(1, backbone="resnet18", head="fcos", pretrained_backbone=False, channels=32)
+    det = model.detect(cls, box, ctr, points, levels, [(32, 32)], [(1.0, 1.0)], top_per_level=2)[0]
+    # cell 0 is no candidate (cls 0.04); of the rest, the best two by score: cells 15 and 10
+    expected = sorted([math.sqrt(0.5 * 0.1), math.sqrt(0.1 * 0.9)], reverse=True)
+    assert det["scores"].tolist() == pytest.approx(expected, rel=1e-4)
+    centres = (det["boxes"][:, :2] + det["boxes"][:, 2:]) / 2
+    assert centres.tolist() == [points[10].tolist(), points[15].tolist()]
+    det = model.detect(cls, box, ctr, points, levels, [(32, 32)], [(1.0, 1.0)])[0]
+    assert det["scores"].tolist() == pytest.approx(sorted([math.sqrt(p * c) for p, c in list(cells.values())[1:]],
+                                                          reverse=True), rel=1e-4)
+
+
 @pytest.mark.parametrize("images,targets,match", [
     ([torch.rand(1, 32, 32)], None, r"float \(3, H, W\)"),
     ([torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)], None, r"float \(3, H, W\)"),
     ([torch.rand(3, 32, 32)], [{"boxes": torch.tensor([[0., 0, 5, 5]]), "labels": torch.tensor([7])}], r"labels must lie in \[0, 2\)"),
     ([torch.rand(3, 32, 32)], [{"boxes": torch.tensor([0., 0, 5, 5]), "labels": torch.tensor([0])}], r"boxes \(N, 4\)"),
+    ([torch.rand(3, 0, 32)], None, r"H and W > 0"),
+    ([torch.rand(3, 32, 32)] * 2, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}], r"2 images but 1 targets"),
+    ([torch.rand(3, 32, 32)], [{"boxes": torch.zeros(0, 4)}], r"dict with 'boxes' .* and 'labels'"),
 ])
 def test_bad_input(images, targets, match):
     model = FCOS(2, backbone="resnet18", head="fcos", pretrained_backbone=False, min_size=32, max_size=32, channels=32)
     with pytest.raises(ValueError, match=match):
         model(images, targets) if targets is not None else model.eval()(images)
+
+
+def test_any_float_image_dtype_is_taken():
+    torch.manual_seed(0)
+    model = FCOS(2, backbone="resnet18", head="fcos", pretrained_backbone=False, min_size=32, max_size=32,
+                 channels=64).eval()  # GroupNorm(32) needs 2 values per group on P7's 1x1 map
+    img = torch.rand(3, 32, 40)
+    with torch.no_grad():
+        a, b = model([img])[0], model([img.double()])[0]
+    assert torch.equal(a["scores"], b["scores"]) and torch.equal(a["boxes"], b["boxes"])
 
 
 def test_bad_arguments():
