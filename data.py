@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 
 import torch
 from PIL import Image
@@ -21,12 +22,14 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-COCO_LAYOUT = """expected layout:
-    {root}/annotations/instances_train2017.json
-    {root}/annotations/instances_val2017.json
-    {root}/train2017/*.jpg
-    {root}/val2017/*.jpg
-(COCO 2017 from https://cocodataset.org/#download)"""
+LAYOUT = """expected layout:
+    {root}/annotations/instances_train{year}.json
+    {root}/annotations/instances_val{year}.json
+    {root}/train{year}/*.jpg
+    {root}/val{year}/*.jpg
+{source}"""
+SOURCES = {"2017": "(COCO 2017 from https://cocodataset.org/#download)",
+           "": "(the synthetic set: delete the folder and train.py --data synthetic writes it anew)"}
 
 
 # -----------------------------------------------------------------------------
@@ -46,7 +49,9 @@ class CocoDetection(torch.utils.data.Dataset):
         for path in (image_dir, ann_file):
             if not os.path.exists(path):
                 root = os.path.dirname(os.path.dirname(os.path.abspath(ann_file)))
-                raise FileNotFoundError(f"{path} not found; " + COCO_LAYOUT.format(root=root))
+                year = "2017" if ann_file.endswith("2017.json") else ""
+                raise FileNotFoundError(f"{path} not found; " + LAYOUT.format(root=root, year=year,
+                                                                              source=SOURCES[year]))
         self.image_dir, self.train = image_dir, train
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # pycocotools prints
             self.coco = COCO(ann_file)
@@ -131,16 +136,25 @@ def collate(batch):
     return tuple(zip(*batch))
 
 
+def ignore_sigterm(worker_id):
+    """Loader workers leave SIGTERM to the trainer. torchrun, Slurm and `kill -TERM
+    -PGID` signal the whole process group; a worker that died of it would make
+    the trainer fail mid-iteration instead of saving its checkpoint. The trainer
+    still shuts its workers down, and a worker exits when its parent dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size, seed, rank, world_size, start, workers):
     sampler = TrainBatches(dataset, batch_size, seed, rank, world_size, start)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                       collate_fn=collate, persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                                       persistent_workers=workers > 0, worker_init_fn=ignore_sigterm)
 
 
 def eval_loader(dataset, rank, world_size, workers):
     """Each rank a strided shard of the evaluation set, one image per batch."""
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    return torch.utils.data.DataLoader(shard, batch_size=1, num_workers=workers, collate_fn=collate)
+    return torch.utils.data.DataLoader(shard, batch_size=1, num_workers=workers, collate_fn=collate,
+                                       worker_init_fn=ignore_sigterm)
 
 
 # -----------------------------------------------------------------------------
@@ -211,7 +225,8 @@ def make_synthetic(root, num_train=600, num_val=100, seed=0, size=(320, 416)):
         for n in range(count):
             image, objects = synthetic_image(seed * 10 ** 7 + offset + n, size)
             name = f"{n:06d}.jpg"
-            TF.to_pil_image(image).save(os.path.join(root, split, name), quality=92)
+            _replace_atomically(os.path.join(root, split, name),
+                                lambda f: TF.to_pil_image(image).save(f, format="JPEG", quality=92))
             images.append({"id": n + 1, "file_name": name, "height": size[0], "width": size[1]})
             visible = _visible(objects, size)
             for (kind, x, y, w, h), keep in zip(objects, visible):
@@ -219,10 +234,18 @@ def make_synthetic(root, num_train=600, num_val=100, seed=0, size=(320, 416)):
                     annotations.append({"id": len(annotations) + 1, "image_id": n + 1, "category_id": kind + 1,
                                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
         os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-        path = os.path.join(root, "annotations", f"instances_{split}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
-        os.replace(path + ".tmp", path)
+        _replace_atomically(os.path.join(root, "annotations", f"instances_{split}.json"), lambda f: f.write(
+            json.dumps({"images": images, "annotations": annotations, "categories": categories}).encode()))
+
+
+def _replace_atomically(path, write):
+    """Write a file under a name of this process's, then rename it into place: a
+    reader never sees a half-written file, even while another run (say, of a
+    lambda sweep sharing datasets/synthetic) writes the same set at once."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 def _visible(objects, size):

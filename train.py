@@ -63,7 +63,8 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, nargs="*", help="iterations at which lr drops x0.1")
     p.add_argument("--warmup", type=int, help="linear warm-up iterations")
     p.add_argument("--max-iter", type=int)
-    p.add_argument("--ims-per-batch", type=int, help="images per iteration, over all processes")
+    p.add_argument("--ims-per-batch", type=int, help="images per iteration, over all processes; the recipe's lr,\n"
+                   "max-iter, steps and warmup follow it (linear rule) unless given")
     p.add_argument("--output-dir", default="output")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     p.add_argument("--checkpoint-period", type=int)
@@ -73,9 +74,25 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, help="data loader processes per rank")
     args = p.parse_args(argv)
     recipe = RECIPES[args.data]
+    given = {key for key in recipe if getattr(args, key) is not None}
     for key, value in dict(recipe, depth=recipe.get("depth", 8)).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for key in ("depth", "ims_per_batch", "max_iter", "checkpoint_period", "channels", "min_size", "max_size"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    for key in ("warmup", "eval_period", "workers"):
+        if getattr(args, key) < 0:
+            p.error(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(args, key)}")
+    # The recipe's lr and schedule are for its batch (coco: 16 images, §3.1). Another
+    # --ims-per-batch scales what was not given by the linear rule (Goyal et al.,
+    # 2017; FCOS's advice for fewer GPUs): lr x k, iterations / k.
+    k = args.ims_per_batch / recipe["ims_per_batch"]
+    if k != 1:
+        args.lr = args.lr if "lr" in given else recipe["lr"] * k
+        for key in ("max_iter", "warmup"):
+            setattr(args, key, getattr(args, key) if key in given else round(recipe[key] / k))
+        args.steps = args.steps if "steps" in given else [round(s / k) for s in recipe["steps"]]
     pretrained = args.pretrained_backbone.lower()
     args.pretrained_backbone = {"true": True, "false": False}.get(pretrained, args.pretrained_backbone)
     return args
@@ -84,9 +101,9 @@ def get_args(argv=None):
 # -----------------------------------------------------------------------------
 # Checkpoints: atomic, newest found by name, configuration checked on resume
 
-def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, args):
+def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, args, world):
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "iteration": iteration, "args": vars(args),
+             "scaler": scaler.state_dict(), "iteration": iteration, "args": vars(args), "world": world,
              "rng": rng_state()}
     atomic_write(path, lambda f: torch.save(state, f), "wb")  # a run killed mid-write loses nothing
     atomic_write(os.path.join(os.path.dirname(path), "last_checkpoint"), lambda f: f.write(os.path.basename(path)))
@@ -95,6 +112,8 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, args):
 def atomic_write(path, write, mode="w"):
     with open(path + ".tmp", mode) as f:
         write(f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a crash of the machine leaves no empty file
     os.replace(path + ".tmp", path)
 
 
@@ -110,11 +129,29 @@ def newest_checkpoint(output_dir):
 
 
 def check_same_model(saved, args):
-    differ = {k: (saved.get(k), vars(args)[k]) for k in MODEL_KEYS + ("data",) if saved.get(k) != vars(args)[k]}
+    keys = MODEL_KEYS + ("data", "optimizer")
+    differ = {k: (saved.get(k), vars(args)[k]) for k in keys if saved.get(k) != vars(args)[k]}
     if differ:
         lines = "\n".join(f"  {k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
         raise ValueError(f"the checkpoint was trained with another configuration:\n{lines}\n"
                          f"use the same flags, or another --output-dir")
+
+
+def resume_warnings(checkpoint, args, world):
+    """What a resumed run will not continue exactly: said, not refused (a run may
+    have to resume on fewer GPUs)."""
+    saved, warnings = checkpoint["args"], []
+    changed = [f"{k} {saved.get(k)} -> {vars(args)[k]}" for k in ("seed", "ims_per_batch")
+               if saved.get(k) != vars(args)[k]]
+    if checkpoint.get("world", world) != world:
+        changed.append(f"processes {checkpoint['world']} -> {world}")
+    if changed:
+        warnings.append(f"warning: {', '.join(changed)} since the checkpoint: the images come in another "
+                        f"order than in an uninterrupted run")
+    if saved.get("lr") != args.lr:
+        warnings.append(f"warning: --lr {args.lr} is not used: the checkpoint's schedule continues from its base "
+                        f"lr {saved.get('lr')} (new --steps and --max-iter do apply)")
+    return warnings
 
 
 def rng_state():
@@ -159,6 +196,10 @@ def main(argv=None):
     if args.ims_per_batch % world:
         raise ValueError(f"--ims-per-batch {args.ims_per_batch} is not divisible by {world} processes")
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.ims_per_batch != RECIPES[args.data]["ims_per_batch"]:
+        log(f"{args.ims_per_batch} images per iteration, not the recipe's {RECIPES[args.data]['ims_per_batch']}: "
+            f"lr {args.lr:g}, max_iter {args.max_iter}, steps {args.steps}, warmup {args.warmup} "
+            f"(the linear rule, where not given)")
     if args.data == "synthetic":
         log(f"synthetic demo recipe: {json.dumps({k: getattr(args, k) for k in RECIPES['synthetic']})}")
         if master and not os.path.exists(os.path.join(args.data_root, "annotations", "instances_val.json")):
@@ -186,6 +227,8 @@ def main(argv=None):
     if path:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         check_same_model(checkpoint["args"], args)
+        for warning in resume_warnings(checkpoint, args, world):
+            log(warning)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -205,7 +248,8 @@ def main(argv=None):
     def save(iteration, name=None):
         if master:
             name = name or f"model_{iteration:07d}.pth"
-            save_checkpoint(os.path.join(args.output_dir, name), model, optimizer, scheduler, scaler, iteration, args)
+            save_checkpoint(os.path.join(args.output_dir, name), model, optimizer, scheduler, scaler, iteration, args,
+                            world)
             log(f"saved {name}")
 
     try:

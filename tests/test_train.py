@@ -47,6 +47,24 @@ def test_synthetic_is_deterministic_and_boxes_lie_inside(tmp_path):
     assert len({ann["category_id"] for ann in a["annotations"]}) >= 2
 
 
+def test_synthetic_writer_never_exposes_a_half_written_file(tmp_path, monkeypatch):
+    # a second run may write the same set while this one reads it: each file
+    # appears whole, under its name, or not at all (here: a writer killed mid-file)
+    data.make_synthetic(str(tmp_path), num_train=2, num_val=1, seed=7, size=(64, 80))
+    before = (tmp_path / "train" / "000000.jpg").read_bytes()
+    save = data.Image.Image.save
+
+    def dies_halfway(image, f, **kw):
+        save(image, f, **kw)
+        f.truncate(len(before) // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.Image.Image, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        data.make_synthetic(str(tmp_path), num_train=2, num_val=1, seed=7, size=(64, 80))
+    assert (tmp_path / "train" / "000000.jpg").read_bytes() == before
+
+
 def test_dataset_reads_boxes_and_flips(tiny_root):
     ds = data.CocoDetection(*data.coco_paths(tiny_root, "train"), train=True)
     image, target = ds[0]
@@ -94,7 +112,7 @@ def test_ground_truth_detections_give_ap_1(tiny_root):
 
 def test_shifted_detections_match_pycocotools(tiny_root, tmp_path):
     ds = evaluation.val_dataset("synthetic", tiny_root)
-    results = evaluation.evaluate(Oracle(ds, shift=3.0), ds, "cpu", workers=0)
+    results = evaluation.evaluate(Oracle(ds, shift=3.0), ds, "cpu", workers=0, output_dir=str(tmp_path))
     # the same detections written by hand in COCO's own format, then pycocotools alone
     coco = ds.coco
     dets = []
@@ -108,6 +126,21 @@ def test_shifted_detections_match_pycocotools(tiny_root, tmp_path):
     reference.evaluate(), reference.accumulate(), reference.summarize()
     assert 0 < results["AP"] < 1
     assert [results[n] for n in evaluation.STAT_NAMES] == pytest.approx(list(reference.stats), abs=1e-9)
+    with open(tmp_path / "detections.json") as f:
+        written = json.load(f)
+    assert len(written) == len(dets)  # as given: pycocotools' additions (area, segmentation, ...) not written
+    assert all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in written)
+
+
+def test_gate_grid_draws_each_level_and_greys_missing_ones():
+    # a head of scale paths only (Tab. 3): rows down, up; P5 has no coarser
+    # neighbour here, P3 no finer one; constant gates read back tile by tile
+    const = lambda v, s: torch.full((2, 1, s, s), v)
+    gates = [{"down": [const(0.0, 8), const(1.0, 4), None], "up": [None, const(0.25, 4), const(1.0, 2)]}]
+    grid = evaluation.gate_grid(gates)
+    assert grid.shape == (1, 2 + 2 * 34, 2 + 3 * 34)  # tiles of 32 px (the largest map, at least 32), 2 px apart
+    centre = lambda row, col: grid[0, 2 + 34 * row + 16, 2 + 34 * col + 16].item()
+    assert [[centre(r, c) for c in range(3)] for r in range(2)] == [[0, 255, 127], [127, 63, 255]]
 
 
 # -- training, checkpoints, resume ------------------------------------------------------
@@ -140,6 +173,36 @@ def test_resume_refuses_another_configuration(tiny_root, tmp_path):
                            "--depth", "2"])
 
 
+def test_resume_says_what_it_cannot_continue_exactly(tiny_root, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--data-root", tiny_root, "--max-iter", "1", "--output-dir", out])
+    capsys.readouterr()
+    train.main(TINY + ["--data-root", tiny_root, "--max-iter", "2", "--output-dir", out, "--resume",
+                       "--ims-per-batch", "1", "--lr", "0.5"])
+    said = capsys.readouterr().out
+    assert "ims_per_batch 2 -> 1 since the checkpoint: the images come in another order" in said
+    assert "--lr 0.5 is not used: the checkpoint's schedule continues from its base lr 0.00025" in said
+
+
+def test_ims_per_batch_scales_the_recipe_by_the_linear_rule():
+    paper = train.get_args([])
+    assert (paper.ims_per_batch, paper.lr, paper.max_iter, paper.steps, paper.warmup) == \
+        (16, 0.01, 90000, [60000, 80000], 1000)  # §3.1, DESIGN §6
+    half = train.get_args(["--ims-per-batch", "8"])
+    assert (half.lr, half.max_iter, half.steps, half.warmup) == (0.005, 180000, [120000, 160000], 2000)
+    given = train.get_args(["--ims-per-batch", "8", "--lr", "0.02", "--steps", "5"])
+    assert (given.lr, given.max_iter, given.steps) == (0.02, 180000, [5])
+
+
+@pytest.mark.parametrize("flag,value,said", [("--checkpoint-period", "0", "at least 1"),
+                                             ("--ims-per-batch", "-2", "at least 1"),
+                                             ("--workers", "-1", "0 or more")])
+def test_bad_numbers_are_refused(flag, value, said, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args([flag, value])
+    assert f"{flag} must be {said}, got {value}" in capsys.readouterr().err
+
+
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tiny_root, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     train.main(TINY + ["--data-root", tiny_root, "--max-iter", "1", "--output-dir", out])
@@ -151,9 +214,15 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tiny_root, tmp_path, mon
     assert (tmp_path / "run" / "model_final.pth").read_bytes() == before
 
 
-def test_missing_dataset_prints_layout(tmp_path):
-    with pytest.raises(FileNotFoundError, match="expected layout"):
+def test_missing_dataset_prints_layout(tmp_path, tiny_root):
+    with pytest.raises(FileNotFoundError, match=r"expected layout(.|\n)*train2017/\*\.jpg(.|\n)*COCO 2017"):
         train.main(["--data", "coco", "--data-root", str(tmp_path / "nowhere"), "--pretrained-backbone", "false"])
+    import shutil
+    root = tmp_path / "partial"
+    shutil.copytree(tiny_root, root)
+    os.remove(root / "annotations" / "instances_train.json")
+    with pytest.raises(FileNotFoundError, match=r"instances_train.json not found(.|\n)*val/\*\.jpg(.|\n)*synthetic"):
+        train.main(TINY + ["--data-root", str(root), "--output-dir", str(tmp_path / "out")])
 
 
 def test_unreadable_image_is_named(tiny_root, tmp_path):
@@ -191,16 +260,20 @@ def test_torchrun_two_processes_train_resume_and_evaluate(tiny_root, tmp_path):
     assert any(p.endswith("_detections.png") for p in pngs) and any("_gates_" in p for p in pngs)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tiny_root, tmp_path):
+@pytest.mark.parametrize("workers,group", [(0, False), (1, True)])
+def test_sigterm_saves_a_checkpoint_and_exits(tiny_root, tmp_path, workers, group):
+    # group: SIGTERM to the whole process group, loader workers included, as
+    # torchrun and cluster schedulers send it
     out = tmp_path / "stopped"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--data-root", tiny_root, "--max-iter", "100000",
-                             "--output-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+                             "--output-dir", str(out), "--workers", str(workers)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
     for line in proc.stdout:  # wait until it trains
         if line.startswith("training"):
             break
     time.sleep(3)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM) if group else proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
     assert proc.wait(timeout=120) == 0
     assert "stopped by signal" in rest
