@@ -90,7 +90,7 @@ def coco_stats(coco, detections):
         print("no detections: every AP and AR is 0")
         return {name: 0.0 for name in STAT_NAMES}
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco.loadRes(detections)
+        coco_dt = coco.loadRes([dict(d) for d in detections])  # loadRes adds keys to the dicts it gets
     evaluator = COCOeval(coco, coco_dt, "bbox")  # over every image of the split
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
@@ -112,13 +112,19 @@ def save_visualization(model, image, out, class_names, output_dir, image_id):
             to_pil_image(gate_grid(gates)).save(os.path.join(output_dir, f"{image_id}_gates_{branch[:3]}.png"))
 
 
-def gate_grid(gates, path="depth"):
+def gate_grid(gates):
     """Rows: depth steps; columns: levels P3..P7, each upsampled to P3's size.
-    White = gate 1, black = 0 (skipped)."""
-    size = gates[0][path][0].shape[-2:]
-    tiles = [F.interpolate(level[:1].float(), size=size, mode="nearest")[0]
-             for step in gates for level in step[path]]
-    grid = make_grid(tiles, nrow=len(gates[0][path]), padding=2, pad_value=0.5)
+    White = gate 1, black = 0 (skipped). The depth paths' gates, or for a head of
+    scale paths only (Tab. 3) the scale-down gates, then the scale-up gates below
+    them; a level that lacks the path (P7 has no coarser neighbour) stays grey."""
+    paths = ["depth"] if "depth" in gates[0] else ["down", "up"]
+    maps = [m for step in gates for path in paths for m in step[path] if m is not None]
+    h, w = maps[0].shape[-2:]
+    size = (max(h, 32), max(w, 32))  # coarse gates (one value per image) are 1x1
+    grey = torch.full((1, *size), 0.5, device=maps[0].device)
+    tiles = [grey if m is None else F.interpolate(m[:1].float(), size=size, mode="nearest")[0]
+             for step in gates for path in paths for m in step[path]]
+    grid = make_grid(tiles, nrow=len(gates[0][paths[0]]), padding=2, pad_value=0.5)
     return (grid[:1].clamp(0, 1) * 255).to(torch.uint8).cpu()
 
 
@@ -128,7 +134,8 @@ def main():
     parser.add_argument("--data", choices=("coco", "synthetic"), help="default: the checkpoint's")
     parser.add_argument("--data-root", help="default: the checkpoint's")
     parser.add_argument("--output-dir", help="default: the checkpoint's folder")
-    parser.add_argument("--visualize", type=int, default=0, metavar="N", help="PNGs of the first N images")
+    parser.add_argument("--visualize", type=int, default=0, metavar="N",
+                        help="PNGs of the first N images (of rank 0's shard under torchrun)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
