@@ -63,7 +63,10 @@ def gate_activation(v, tau=1.5):
     positive for every v > 0. It runs in fp32 at least (cosh overflows fp16 at 11);
     rounded back to fp16, only the gates of v below ~5e-7 underflow to 0.
     """
-    vf = v.to(torch.promote_types(v.dtype, torch.float32)).clamp_max(40.0)  # delta(40) is 1 in fp64
+    # clamped where nothing changes (delta(40) is 1 in fp64; delta(v <= 0) is 0), so
+    # that sinh and cosh stay finite: inf / inf in the discarded branch of the
+    # torch.where below would still send NaN into the gradient
+    vf = v.to(torch.promote_types(v.dtype, torch.float32)).clamp(-40.0, 40.0)
     g = math.exp(-tau) * torch.sinh(vf) / torch.cosh(vf - tau)
     # torch.where so that v <= 0 gives an exact 0 with an exact 0 gradient
     return torch.where(vf > 0, g, torch.zeros_like(g)).to(v.dtype)

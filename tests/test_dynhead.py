@@ -40,6 +40,16 @@ def test_gate_activation_matches_eq3(tau):
     assert got.min() >= 0 and got.max() <= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gate_activation_far_from_zero_is_finite(dtype):
+    # logits far below 0 (gates the budget switched off) or far above: 0 and 1,
+    # with finite (zero) gradients
+    v = torch.tensor([-1e4, -500.0, -100.0, 100.0, 500.0, 1e4], dtype=dtype, requires_grad=True)
+    g = gate_activation(v, 1.5)
+    g.sum().backward()
+    assert g.tolist() == [0, 0, 0, 1, 1, 1] and torch.equal(v.grad, torch.zeros_like(v))
+
+
 def test_tau_zero_is_restricted_tanh():
     v = torch.linspace(-5, 5, 1001, dtype=torch.float64)
     assert torch.allclose(gate_activation(v, 0.0), torch.tanh(v).clamp_min(0), rtol=1e-15, atol=0)
