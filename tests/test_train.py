@@ -255,7 +255,12 @@ def test_torchrun_two_processes_train_resume_and_evaluate(tiny_root, tmp_path):
     evaluated = run_module(["eval.py", "--checkpoint", os.path.join(out, "model_final.pth"), "--workers", "0",
                             "--visualize", "1"], timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in evaluated.stdout
+    # 5 iterations leave every class probability near its prior 0.01, below the 0.05
+    # that makes a candidate: eval.py still reports every column (pycocotools itself
+    # is checked against known detections above)
+    assert "FLOPs (1e9 MACs per image, 4 images)" in evaluated.stdout
+    results = json.loads(evaluated.stdout[evaluated.stdout.index("{"):])
+    assert set(evaluation.STAT_NAMES) | {"head_gflops_avg", "total_gflops_avg"} <= set(results)
     pngs = os.listdir(os.path.join(out, "visualize"))
     assert any(p.endswith("_detections.png") for p in pngs) and any("_gates_" in p for p in pngs)
 
