@@ -56,18 +56,25 @@ def gate_activation(v, tau=1.5):
     v <= 0 both the value and the gradient are exactly 0, which is what lets a
     masked-out pixel be skipped in training as well as inference (§2.2.3).
 
-    Near v = 0 the sum tanh(v - tau) + tanh(tau) cancels (in bf16, gates of v up
-    to ~0.004 came out exactly 0: pixels computed with a dead gradient), so it is
-    evaluated as tanh(a) + tanh(b) = sinh(a + b) / (cosh(a) cosh(b)), with
-    cosh(tau) (1 + tanh(tau)) = e^tau:  delta(v) = e^-tau sinh(v) / cosh(v - tau),
-    positive for every v > 0. It runs in fp32 at least (cosh overflows fp16 at 11);
-    rounded back to fp16, only the gates of v below ~5e-7 underflow to 0.
+    Near v = 0 the sum tanh(v - tau) + tanh(tau) cancels: in bf16, gates of v up
+    to ~0.004 came out exactly 0 (pixels computed with a dead gradient). Below tau
+    it is therefore evaluated as tanh(a) + tanh(b) = sinh(a + b) / (cosh a cosh b),
+    with cosh(tau) (1 + tanh(tau)) = e^tau:  delta(v) = e^-tau sinh(v) / cosh(v - tau),
+    positive for every v > 0. Above tau (and 1) it is evaluated as
+    1 - (1 - tanh(v - tau)) / (1 + tanh(tau)): at most 1, with a gradient >= 0,
+    where the quotient's rounding passed 1 and its gradient went negative. All in
+    fp32 at least (cosh overflows fp16 near 11.8); rounded back to fp16, only the
+    gates of v below ~5e-7 underflow to 0.
     """
-    # clamped where nothing changes (delta(40) is 1 in fp64; delta(v <= 0) is 0), so
-    # that sinh and cosh stay finite: inf / inf in the discarded branch of the
-    # torch.where below would still send NaN into the gradient
-    vf = v.to(torch.promote_types(v.dtype, torch.float32)).clamp(-40.0, 40.0)
-    g = math.exp(-tau) * torch.sinh(vf) / torch.cosh(vf - tau)
+    t, switch = math.tanh(tau), max(tau, 1.0)
+    vf = v.to(torch.promote_types(v.dtype, torch.float32))
+    # clamped to where this branch is used (and no lower than -40, where delta is 0
+    # anyway): sinh and cosh stay finite, since inf / inf in a branch that
+    # torch.where discards would still send NaN into the gradient
+    low = vf.clamp(-40.0, switch)
+    near = math.exp(-tau) * torch.sinh(low) / torch.cosh(low - tau)
+    far = 1 - (1 - torch.tanh(vf - tau)) / (1 + t)
+    g = torch.where(vf < switch, near, far)
     # torch.where so that v <= 0 gives an exact 0 with an exact 0 gradient
     return torch.where(vf > 0, g, torch.zeros_like(g)).to(v.dtype)
 
@@ -103,6 +110,8 @@ class SpatialGate(nn.Module):
 
     def __init__(self, channels, num_paths, activation="proposed", tau=1.5, coarse=False):
         super().__init__()
+        if not 0 <= tau <= 10:
+            raise ValueError(f"tau must lie in [0, 10] (Tab. 2 tries 0.5-2; 0 is the restricted tanh), got {tau}")
         self.activation, self.tau, self.coarse = activation, tau, coarse
         self.conv = nn.Conv2d(channels, num_paths, 3, padding=1)
         nn.init.normal_(self.conv.weight, std=0.01)

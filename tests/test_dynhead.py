@@ -50,6 +50,21 @@ def test_gate_activation_far_from_zero_is_finite(dtype):
     assert g.tolist() == [0, 0, 0, 1, 1, 1] and torch.equal(v.grad, torch.zeros_like(v))
 
 
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.5, 2.0])
+def test_gate_activation_fp32_value_and_gradient_match_eq3_in_fp64(tau):
+    # value in [0, 1] and gradient >= 0 everywhere (delta is monotone), both close
+    # to Eq. 3's in float64, from far below 0 to far above tau
+    v64 = torch.linspace(-50, 50, 200001, dtype=torch.float64)
+    t = math.tanh(tau)
+    exact = ((torch.tanh(v64 - tau) + t) / (1 + t)).clamp_min(0)
+    slope = torch.where(v64 > 0, (1 - torch.tanh(v64 - tau) ** 2) / (1 + t), torch.zeros_like(v64))
+    v = v64.float().requires_grad_()
+    g = gate_activation(v, tau)
+    g.sum().backward()
+    assert g.min() >= 0 and g.max() <= 1 and v.grad.min() >= 0
+    assert (g.double() - exact).abs().max() < 1e-6 and (v.grad.double() - slope).abs().max() < 1e-6
+
+
 def test_tau_zero_is_restricted_tanh():
     v = torch.linspace(-5, 5, 1001, dtype=torch.float64)
     assert torch.allclose(gate_activation(v, 0.0), torch.tanh(v).clamp_min(0), rtol=1e-15, atol=0)
@@ -289,6 +304,7 @@ def test_masked_conv_zeroes_outside_mask():
     ({"paths": ()}, "unknown paths"),
     ({"channels": 30, "gn_groups": 4}, "divisible by gn_groups"),
     ({"num_levels": 1}, "need num_levels >= 2"),
+    ({"tau": 40.0}, r"tau must lie in \[0, 10\]"),
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
