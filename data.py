@@ -9,9 +9,11 @@ Map:
     make_loader          the DataLoader around them
     make_synthetic       writes a synthetic COCO-format dataset (JPEGs + JSON)
 """
+import atexit
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import signal
 
@@ -140,8 +142,22 @@ def ignore_sigterm(worker_id):
     """Loader workers leave SIGTERM to the trainer. torchrun, Slurm and `kill -TERM
     -PGID` signal the whole process group; a worker that died of it would make
     the trainer fail mid-iteration instead of saving its checkpoint. The trainer
-    still shuts its workers down, and a worker exits when its parent dies."""
+    shuts its workers down (or, at exit, `_kill_workers`), and a worker exits when
+    its parent dies."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register  # registered after multiprocessing's own exit handler, so it runs before it
+def _kill_workers():
+    """At exit, kill the loader workers still running. After an error the loader
+    may never shut them down (the traceback keeps it alive), and multiprocessing's
+    exit handler ends daemon processes with SIGTERM, which they ignore: the
+    process would wait for them forever."""
+    if hasattr(signal, "SIGCHLD"):  # the loader's handler would report the kills as failures
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for process in multiprocessing.active_children():
+        if process.daemon:
+            process.kill()
 
 
 def make_loader(dataset, batch_size, seed, rank, world_size, start, workers):

@@ -90,8 +90,8 @@ def get_args(argv=None):
     k = args.ims_per_batch / recipe["ims_per_batch"]
     if k != 1:
         args.lr = args.lr if "lr" in given else recipe["lr"] * k
-        for key in ("max_iter", "warmup"):
-            setattr(args, key, getattr(args, key) if key in given else round(recipe[key] / k))
+        args.max_iter = args.max_iter if "max_iter" in given else max(1, round(recipe["max_iter"] / k))
+        args.warmup = args.warmup if "warmup" in given else round(recipe["warmup"] / k)
         args.steps = args.steps if "steps" in given else [round(s / k) for s in recipe["steps"]]
     pretrained = args.pretrained_backbone.lower()
     args.pretrained_backbone = {"true": True, "false": False}.get(pretrained, args.pretrained_backbone)
@@ -149,8 +149,13 @@ def resume_warnings(checkpoint, args, world):
         warnings.append(f"warning: {', '.join(changed)} since the checkpoint: the images come in another "
                         f"order than in an uninterrupted run")
     if saved.get("lr") != args.lr:
-        warnings.append(f"warning: --lr {args.lr} is not used: the checkpoint's schedule continues from its base "
-                        f"lr {saved.get('lr')} (new --steps and --max-iter do apply)")
+        warnings.append(f"warning: lr {args.lr:g} is not used: the checkpoint's schedule continues from its base "
+                        f"lr {saved.get('lr'):g}")
+    schedule = [f"{k} {saved.get(k)} -> {vars(args)[k]}" for k in ("max_iter", "steps", "warmup")
+                if saved.get(k) != vars(args)[k]]
+    if schedule:
+        warnings.append(f"warning: {', '.join(schedule)} since the checkpoint: these apply from here on "
+                        f"(the iterations already run are not rescaled)")
     return warnings
 
 
@@ -196,6 +201,10 @@ def main(argv=None):
     if args.ims_per_batch % world:
         raise ValueError(f"--ims-per-batch {args.ims_per_batch} is not divisible by {world} processes")
     os.makedirs(args.output_dir, exist_ok=True)
+    late = [s for s in args.steps if s >= args.max_iter] + ([args.warmup] if args.warmup >= args.max_iter else [])
+    if late:
+        log(f"warning: of steps {args.steps} and warmup {args.warmup}, {late} lie at or beyond max_iter "
+            f"{args.max_iter} (pass --steps and --warmup that fit the run)")
     if args.ims_per_batch != RECIPES[args.data]["ims_per_batch"]:
         log(f"{args.ims_per_batch} images per iteration, not the recipe's {RECIPES[args.data]['ims_per_batch']}: "
             f"lr {args.lr:g}, max_iter {args.max_iter}, steps {args.steps}, warmup {args.warmup} "

@@ -181,7 +181,9 @@ def test_resume_says_what_it_cannot_continue_exactly(tiny_root, tmp_path, capsys
                        "--ims-per-batch", "1", "--lr", "0.5"])
     said = capsys.readouterr().out
     assert "ims_per_batch 2 -> 1 since the checkpoint: the images come in another order" in said
-    assert "--lr 0.5 is not used: the checkpoint's schedule continues from its base lr 0.00025" in said
+    assert "lr 0.5 is not used: the checkpoint's schedule continues from its base lr 0.00025" in said
+    assert "max_iter 1 -> 2 since the checkpoint: these apply from here on" in said
+    assert "of steps [100] and warmup 2, [100, 2] lie at or beyond max_iter 2" in said
 
 
 def test_ims_per_batch_scales_the_recipe_by_the_linear_rule():
@@ -212,6 +214,16 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tiny_root, tmp_path, mon
     with pytest.raises(FloatingPointError, match="non-finite loss at iteration 1"):
         train.main(TINY + ["--data-root", tiny_root, "--max-iter", "3", "--output-dir", out, "--resume"])
     assert (tmp_path / "run" / "model_final.pth").read_bytes() == before
+
+
+def test_a_failed_run_with_loader_workers_exits(tiny_root, tmp_path):
+    # the workers ignore SIGTERM (for a signal to the whole group); after an error
+    # the process must still end them and exit, not wait for them forever
+    script = (f"import sys, torch, fcos, train; losses = fcos.FCOS.losses; "
+              f"fcos.FCOS.losses = lambda self, *a: {{**losses(self, *a), 'loss_cls': torch.tensor(float('nan'))}}; "
+              f"sys.exit(train.main({TINY + ['--data-root', tiny_root, '--output-dir', str(tmp_path), '--workers', '1']!r}))")
+    failed = run_module(["-c", script], timeout=120)
+    assert failed.returncode == 1 and "non-finite loss at iteration 0" in failed.stderr
 
 
 def test_missing_dataset_prints_layout(tmp_path, tiny_root):
