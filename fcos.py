@@ -365,10 +365,11 @@ class FCOS(nn.Module):
     @torch.no_grad()
     def detect(self, cls, box, ctr, points, levels, sizes, scales, score_thresh=0.05, top_per_level=1000,
                nms_iou=0.6, max_detections=100):
-        """Per image, as FCOS and the authors' code: candidates whose class
-        probability is > 0.05, the best 1000 per level by score sqrt(cls *
-        centerness), boxes clipped to the image, class-wise NMS at IoU 0.6, the best
-        100, mapped back to the input image's coordinates."""
+        """Per image, as FCOS: candidates whose class probability is > 0.05 (the
+        authors' code too), the best 1000 per level by score sqrt(cls * centerness)
+        (the authors' code: by class probability), boxes clipped to the image,
+        class-wise NMS at IoU 0.6, the best 100, mapped back to the input image's
+        coordinates."""
         results = []
         for i in range(cls.shape[0]):
             probs = torch.sigmoid(cls[i].float())  # (P, K)

@@ -173,8 +173,8 @@ def test_ranks_without_positives_join_the_same_collectives(tmp_path):
 
 
 def test_detect_thresholds_class_probability_and_ranks_by_score():
-    # FCOS and the authors' code: candidates where sigmoid(cls) > 0.05, ranked per
-    # level by sqrt(cls * centerness); that score is what the detections carry
+    # FCOS: candidates where sigmoid(cls) > 0.05, ranked per level by
+    # sqrt(cls * centerness); that score is what the detections carry
     points, levels = locations([(4, 4), (2, 2), (1, 1), (1, 1), (1, 1)], "cpu")
     logit = lambda p: math.log(p / (1 - p))
     P = len(points)
