@@ -57,24 +57,20 @@ def gate_activation(v, tau=1.5):
     masked-out pixel be skipped in training as well as inference (§2.2.3).
 
     Near v = 0 the sum tanh(v - tau) + tanh(tau) cancels: in bf16, gates of v up
-    to ~0.004 came out exactly 0 (pixels computed with a dead gradient). Below tau
-    it is therefore evaluated as tanh(a) + tanh(b) = sinh(a + b) / (cosh a cosh b),
-    with cosh(tau) (1 + tanh(tau)) = e^tau:  delta(v) = e^-tau sinh(v) / cosh(v - tau),
-    positive for every v > 0. Above tau (and 1) it is evaluated as
-    1 - (1 - tanh(v - tau)) / (1 + tanh(tau)): at most 1, with a gradient >= 0,
-    where the quotient's rounding passed 1 and its gradient went negative. All in
-    fp32 at least (cosh overflows fp16 near 11.8); rounded back to fp16, only the
-    gates of v below ~5e-7 underflow to 0.
+    to ~0.004 came out exactly 0 (pixels computed with a dead gradient). Written
+    with exponentials (tanh x = (1 - e^-2x) / (1 + e^-2x)), Eq. 3 is
+
+        delta(v) = (1 - e^-2v) / (1 + e^(2 (tau - v)))      for v > 0,
+
+    with no cancellation anywhere: 1 - e^-2v is expm1, exact near 0, so every v > 0
+    gives a gate > 0; the value never passes 1, and both terms of the gradient are
+    >= 0. In fp32 at least; rounded back to fp16, only the gates of v below ~5e-7
+    underflow to 0.
     """
-    t, switch = math.tanh(tau), max(tau, 1.0)
-    vf = v.to(torch.promote_types(v.dtype, torch.float32))
-    # clamped to where this branch is used (and no lower than -40, where delta is 0
-    # anyway): sinh and cosh stay finite, since inf / inf in a branch that
-    # torch.where discards would still send NaN into the gradient
-    low = vf.clamp(-40.0, switch)
-    near = math.exp(-tau) * torch.sinh(low) / torch.cosh(low - tau)
-    far = 1 - (1 - torch.tanh(vf - tau)) / (1 + t)
-    g = torch.where(vf < switch, near, far)
+    # v <= 0 is clamped to 0, where the formula gives 0: large negative v would make
+    # inf / inf, and even in the branch that torch.where discards a NaN reaches the gradient
+    vf = v.to(torch.promote_types(v.dtype, torch.float32)).clamp_min(0)
+    g = -torch.expm1(-2 * vf) / (1 + torch.exp(2 * (tau - vf)))
     # torch.where so that v <= 0 gives an exact 0 with an exact 0 gradient
     return torch.where(vf > 0, g, torch.zeros_like(g)).to(v.dtype)
 
@@ -111,7 +107,8 @@ class SpatialGate(nn.Module):
     def __init__(self, channels, num_paths, activation="proposed", tau=1.5, coarse=False):
         super().__init__()
         if not 0 <= tau <= 10:
-            raise ValueError(f"tau must lie in [0, 10] (Tab. 2 tries 0.5-2; 0 is the restricted tanh), got {tau}")
+            raise ValueError(f"tau must lie in [0, 10] (Tab. 2 tries 0.5-2; 0 is the restricted tanh; "
+                             f"e^(2 tau) stays finite in fp32), got {tau}")
         self.activation, self.tau, self.coarse = activation, tau, coarse
         self.conv = nn.Conv2d(channels, num_paths, 3, padding=1)
         nn.init.normal_(self.conv.weight, std=0.01)

@@ -47,7 +47,8 @@ def test_gate_activation_far_from_zero_is_finite(dtype):
     v = torch.tensor([-1e4, -500.0, -100.0, 100.0, 500.0, 1e4], dtype=dtype, requires_grad=True)
     g = gate_activation(v, 1.5)
     g.sum().backward()
-    assert g.tolist() == [0, 0, 0, 1, 1, 1] and torch.equal(v.grad, torch.zeros_like(v))
+    assert g.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.isfinite(v.grad).all() and (v.grad >= 0).all() and v.grad.max() < 1e-30  # e^(2 (tau - v)) scale
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.5, 1.5, 2.0])
