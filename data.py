@@ -8,6 +8,7 @@ Map:
     TrainBatches         infinite, seeded, sharded per rank, aspect-ratio grouped
     make_loader          the DataLoader around them
     make_synthetic       writes a synthetic COCO-format dataset (JPEGs + JSON)
+    atomic_write         a file appears whole or not at all (checkpoints too)
 """
 import atexit
 import contextlib
@@ -241,8 +242,8 @@ def make_synthetic(root, num_train=600, num_val=100, seed=0, size=(320, 416)):
         for n in range(count):
             image, objects = synthetic_image(seed * 10 ** 7 + offset + n, size)
             name = f"{n:06d}.jpg"
-            _replace_atomically(os.path.join(root, split, name),
-                                lambda f: TF.to_pil_image(image).save(f, format="JPEG", quality=92))
+            atomic_write(os.path.join(root, split, name),
+                         lambda f: TF.to_pil_image(image).save(f, format="JPEG", quality=92), "wb")
             images.append({"id": n + 1, "file_name": name, "height": size[0], "width": size[1]})
             visible = _visible(objects, size)
             for (kind, x, y, w, h), keep in zip(objects, visible):
@@ -250,17 +251,20 @@ def make_synthetic(root, num_train=600, num_val=100, seed=0, size=(320, 416)):
                     annotations.append({"id": len(annotations) + 1, "image_id": n + 1, "category_id": kind + 1,
                                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
         os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-        _replace_atomically(os.path.join(root, "annotations", f"instances_{split}.json"), lambda f: f.write(
-            json.dumps({"images": images, "annotations": annotations, "categories": categories}).encode()))
+        atomic_write(os.path.join(root, "annotations", f"instances_{split}.json"),
+                     lambda f: json.dump({"images": images, "annotations": annotations, "categories": categories}, f))
 
 
-def _replace_atomically(path, write):
-    """Write a file under a name of this process's, then rename it into place: a
-    reader never sees a half-written file, even while another run (say, of a
-    lambda sweep sharing datasets/synthetic) writes the same set at once."""
+def atomic_write(path, write, mode="w"):
+    """Write a file under a temporary name of this process's, then rename it into
+    place: a reader never sees a half-written file -- not after a crash (the data
+    is on disk before the rename), nor while another process (a lambda sweep
+    sharing datasets/synthetic) writes the same file at once."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with open(tmp, mode) as f:
         write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

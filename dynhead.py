@@ -64,7 +64,7 @@ def gate_activation(v, tau=1.5):
 
     with no cancellation anywhere: 1 - e^-2v is expm1, exact near 0, so every v > 0
     gives a gate > 0; the value never passes 1, and both terms of the gradient are
-    >= 0. In fp32 at least; rounded back to fp16, only the gates of v below ~5e-7
+    >= 0. In fp32 at least; rounded back to fp16, only the gates of v up to ~3e-7
     underflow to 0.
     """
     # v <= 0 is clamped to 0, where the formula gives 0: large negative v would make

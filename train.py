@@ -105,16 +105,9 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, args, 
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "iteration": iteration, "args": vars(args), "world": world,
              "rng": rng_state()}
-    atomic_write(path, lambda f: torch.save(state, f), "wb")  # a run killed mid-write loses nothing
-    atomic_write(os.path.join(os.path.dirname(path), "last_checkpoint"), lambda f: f.write(os.path.basename(path)))
-
-
-def atomic_write(path, write, mode="w"):
-    with open(path + ".tmp", mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename: a crash of the machine leaves no empty file
-    os.replace(path + ".tmp", path)
+    data.atomic_write(path, lambda f: torch.save(state, f), "wb")  # a run killed mid-write loses nothing
+    data.atomic_write(os.path.join(os.path.dirname(path), "last_checkpoint"),
+                      lambda f: f.write(os.path.basename(path)))
 
 
 def newest_checkpoint(output_dir):
@@ -327,7 +320,7 @@ def run_eval(model, val_set, device, args, master):
     results = evaluate(model, val_set, device, workers=args.workers)
     if master:
         path = os.path.join(args.output_dir, "eval_results.json")
-        atomic_write(path, lambda f: json.dump(results, f, indent=1))
+        data.atomic_write(path, lambda f: json.dump(results, f, indent=1))
         print(f"AP {results['AP']:.4f}  AP50 {results['AP50']:.4f}  -> {path}")
 
 
