@@ -1,22 +1,29 @@
 """
-Benchmarks of the gather-scatter kernels (sparse.py) against dense convolutions:
-how much of the gates' sparsity (§2.2.3) turns into wall-clock time and memory.
+Benchmarks of the sparse execution (sparse.py) against what a user would otherwise
+run: how much of the gates' sparsity (§2.2.3) turns into wall-clock time and memory.
 
     python bench.py                      # both parts, on CUDA if present, else the CPU
+    python bench.py --part head          # the whole tower (BENCHMARKS.md)
     python bench.py --part conv --device cpu --dtype float32
 
 Part (a), `conv`: one 3x3 256->256 conv and one depthwise 3x3 conv on a P3-sized
 map (100x168, an 800x1333 image), batch 1 and 8, masks shaped like real gates
-(smooth blobs). Columns: dense conv; the gather kernel forced on; masked_conv2d as
-dispatched (gather or dense, sparse.DENSE_ABOVE); speedup of the dispatched call;
-ideal speedup 1/density; their ratio; peak memory of dense and dispatched calls.
+(smooth blobs). Columns: the dense conv (cuDNN's or oneDNN's), then masked; the
+gather kernel forced on; masked_conv2d as dispatched (gather or dense,
+sparse.DENSE_ABOVE); speedup of the dispatched call over the dense conv; ideal
+speedup 1/density; their ratio; peak memory of dense and dispatched calls.
 
-Part (b), `head`: a D8 dynamic head, both towers of FCOS, on the five levels of an
-800x1333 image, the dense reference kernels against sparse.py, with gates held off
-outside smooth blobs so that about 50%, 25% and 10% of the MACs are executed:
-inference forward, and a training step (forward + backward).
+Part (b), `head`: one D8 tower on the five levels of an 800x1333 image. The
+baseline is the fixed tower of the same depth (plain convs and GroupNorms, every
+path on: Tab. 1's FCOS-D8); against it, the dynamic tower as sparse.py runs it,
+with its gates held off outside smooth blobs so that about 50%, 25% and 10% of
+its MACs are executed; and, for reference, the same dynamic tower computed densely
+level by level (dynhead.py alone: the correctness reference, not a baseline).
+Columns: times, speedup of sparse over fixed, the ideal speedup (the fixed
+tower's MACs over the executed MACs), their ratio, peak memory. Inference forward,
+and a training step (forward + backward).
 
-Times are medians of --repeats runs, dense and sparse interleaved in one process.
+Times are medians of --repeats runs, the contenders interleaved in one process.
 Peak memory, in a second pass: of the tensors allocated, from CUDA's allocator
 statistics, or on the CPU from the profiler's record of allocations and frees.
 """
@@ -151,8 +158,8 @@ def conv_cases(device, dtype, batches, densities):
                 def dense(x=x, w=w, mask=mask, groups=groups):  # the best dense can do: conv, then mask
                     return F.conv2d(x, w, padding=1, groups=groups) * mask[:, None].to(x.dtype)
 
-                def masked(x=x, w=w, mask=mask, groups=groups):  # as a lone call: wrap the mask, then dispatch
-                    return sparse.masked_conv2d(x, sparse.prepare_mask(mask), w, groups=groups)
+                def masked(x=x, w=w, mask=mask, groups=groups):  # as a lone call: index the mask, then dispatch
+                    return sparse.masked_conv2d(x, sparse.ActiveSet(mask), w, groups=groups)
 
                 def gather(masked=masked):
                     saved, sparse.DENSE_ABOVE = sparse.DENSE_ABOVE, forced
@@ -161,8 +168,9 @@ def conv_cases(device, dtype, batches, densities):
                     finally:
                         sparse.DENSE_ABOVE = saved
 
-                path = "dense" if sparse.use_dense(sparse.ActiveSet(mask), kind, x) else "gather"
-                yield dict(kind=kind, batch=batch, density=density, path=path,
+                dense_path = sparse.DENSE_ABOVE.get((device.type, kind), 0.0) <= 0 or \
+                    sparse.use_dense(sparse.ActiveSet(mask).density, kind, device)
+                yield dict(kind=kind, batch=batch, density=density, path="dense" if dense_path else "gather",
                            fns={"dense": dense, "gather": gather, "masked": masked})
 
 
@@ -192,80 +200,104 @@ def print_conv(cases, device, dtype):
 # (b) the whole head
 
 class BlobGates:
-    """Holds every spatial gate of the heads off outside fixed smooth blobs of
-    `density`, keeping the gate convs (and their cost and gradients) in place."""
+    """Holds every spatial gate off outside fixed smooth blobs of `density`, the
+    same blobs whether the head runs level by level (dynhead.py) or on sparse.py's
+    canvas, keeping the gate convs (and their cost and gradients) in place."""
 
-    def __init__(self):
+    def __init__(self, pyramid, batch, device):
+        self.pyramid, self.batch, self.device = [tuple(s) for s in pyramid], batch, device
         self.density, self.cache = 1.0, {}
-        self.original = dynhead.SpatialGate.forward
+        self.original = dynhead.SpatialGate.activate
         outer = self
 
-        def forward(gate_module, x, paths=None, kernels=None):
-            gate, active = outer.original(gate_module, x, paths, kernels)
-            key = (id(gate_module), gate.shape, outer.density)
-            if key not in outer.cache:
-                B, P, H, W = gate.shape
-                outer.cache[key] = torch.stack([blobs(B, (H, W), outer.density, seed=hash(key[:2]) % 2 ** 31 + p,
-                                                      device=x.device) for p in range(P)], 1)
-            keep = outer.cache[key]
+        def activate(gate_module, v):
+            gate, active = outer.original(gate_module, v)
+            keep = outer.keep(gate_module, tuple(v.shape))
             return gate * keep, active & keep
 
-        dynhead.SpatialGate.forward = forward
+        dynhead.SpatialGate.activate = activate
+
+    def blob(self, gate_module, level, path):
+        key = (id(gate_module), level, path, self.density)
+        if key not in self.cache:
+            seed = hash(key[:3]) % 2 ** 31
+            self.cache[key] = blobs(self.batch, self.pyramid[level], self.density, seed, self.device)
+        return self.cache[key]
+
+    def keep(self, gate_module, shape):
+        """(B, P, H, W) bool for the logits of one level, or of the whole canvas."""
+        B, P, H, W = shape
+        if (H, W) in self.pyramid:  # one level; at P3 and P7 a scale gate has one path of two
+            level = self.pyramid.index((H, W))
+            paths = range(P) if P == gate_module.conv.out_channels else [0] if level == 0 else [1]
+            return torch.stack([self.blob(gate_module, level, p) for p in paths], 1)
+        key = (id(gate_module), "canvas", self.density)
+        if key not in self.cache:
+            canvas = sparse.Canvas.of(tuple(self.pyramid), B, self.device)
+            keep = torch.zeros(shape, dtype=torch.bool, device=self.device)
+            for n in range(len(self.pyramid)):
+                for p in range(P):
+                    canvas.region(keep, n)[:, p] = self.blob(gate_module, n, p)
+            self.cache[key] = keep
+        return self.cache[key]
 
     def close(self):
-        dynhead.SpatialGate.forward = self.original
+        dynhead.SpatialGate.activate = self.original
 
 
 def head_cases(device, dtype, batch, targets, gates):
-    """One case per (target executed fraction, inference/train): both FCOS towers
-    with the dense reference kernels, and with sparse.py. The gate density that
-    gives each target is found by bisection; each case re-installs it."""
+    """One case per (target executed fraction, inference/train): the fixed tower,
+    the dynamic tower computed densely level by level, and as sparse.py runs it.
+    The gate density that gives each target is found by bisection; each case
+    re-installs it."""
     torch.manual_seed(0)
-    towers = [dynhead.DynamicHead(256, depth=8).to(device, dtype).to(memory_format=torch.channels_last)
-              for _ in range(2)]
+    make = lambda **kw: dynhead.DynamicHead(256, depth=8, **kw).to(device, dtype).to(
+        memory_format=torch.channels_last)
+    fixed, dynamic = make(gated=()), make()
     features = [torch.randn(batch, 256, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
                 for h, w in PYRAMID]
 
     def executed():
         with torch.no_grad():
-            for tower in towers:
-                tower(features)
-        return sum(t.cost.executed.sum() for t in towers).item() / sum(t.cost.full.sum() for t in towers).item()
+            dynamic(features)
+        return (dynamic.cost.executed.sum() / dynamic.cost.full.sum()).item()
 
-    def run(density, dense, train):
-        gates.density = density
-        for tower in towers:
-            tower.dense = dense
+    def run(tower, density, train, dense=False):
+        gates.density, tower.dense = density, dense
         with torch.set_grad_enabled(train):
-            outs = [tower(features) for tower in towers]
+            out = tower(features)
             if train:
-                loss = sum(o.float().mean() for out in outs for o in out) + sum(t.cost.soft.mean() for t in towers)
-                loss.backward()
-                for tower in towers:
-                    tower.zero_grad(set_to_none=True)
+                (sum(o.float().mean() for o in out) + tower.cost.soft.mean()).backward()
+                tower.zero_grad(set_to_none=True)
 
+    with torch.no_grad():
+        fixed(features)
     for target in targets:
         lo, hi = 0.0, 1.0
         for _ in range(12):
             gates.density = (lo + hi) / 2
             lo, hi = (gates.density, hi) if executed() < target else (lo, gates.density)
-        density = gates.density
-        ratio = executed()
+        density, ratio = gates.density, executed()
+        ideal = (fixed.cost.full.sum() / dynamic.cost.executed.sum()).item()
         for train in (False, True):
-            yield dict(executed=ratio, mode="train" if train else "inference",
-                       fns={"dense": lambda d=density, t=train: run(d, True, t),
-                            "sparse": lambda d=density, t=train: run(d, False, t)})
+            yield dict(executed=ratio, ideal=ideal, mode="train" if train else "inference", fns={
+                "fixed": lambda d=density, t=train: run(fixed, d, t),
+                "reference": lambda d=density, t=train: run(dynamic, d, t, dense=True),
+                "sparse": lambda d=density, t=train: run(dynamic, d, t)})
 
 
 def print_head(cases, device, dtype, batch):
-    print(f"\n(b) D8 dynamic head, both towers (cls + reg), 256 channels, levels "
-          f"{'/'.join(f'{h}x{w}' for h, w in PYRAMID)} (800x1333), batch {batch}, {device.type} {dtype}, "
-          f"channels_last; times in ms")
-    print(f"{'executed':>8} {'mode':>9} {'dense':>9} {'sparse':>9} {'speedup':>7} {'MB dense':>9} {'MB sparse':>9}")
+    print(f"\n(b) one D8 tower, 256 channels, levels {'/'.join(f'{h}x{w}' for h, w in PYRAMID)} (800x1333), "
+          f"batch {batch}, {device.type} {dtype}, channels_last; times in ms. fixed: the fixed tower (every path "
+          f"on, no gates); reference: the dynamic tower computed densely level by level; sparse: sparse.py")
+    print(f"{'executed':>8} {'mode':>9} {'fixed':>7} {'reference':>9} {'sparse':>7} {'speedup':>7} {'ideal':>6} "
+          f"{'ratio':>6} {'MB fixed':>8} {'MB sparse':>9}")
     for c in cases:
         t, m = c["time"], c["memory"]
-        print(f"{c['executed']:8.1%} {c['mode']:>9} {t['dense'] * 1e3:9.0f} {t['sparse'] * 1e3:9.0f} "
-              f"{t['dense'] / t['sparse']:6.2f}x {mb(m['dense']):>9} {mb(m['sparse']):>9}")
+        speedup = t["fixed"] / t["sparse"]
+        print(f"{c['executed']:8.1%} {c['mode']:>9} {t['fixed'] * 1e3:7.0f} {t['reference'] * 1e3:9.0f} "
+              f"{t['sparse'] * 1e3:7.0f} {speedup:6.2f}x {c['ideal']:5.2f}x {speedup / c['ideal']:6.2f} "
+              f"{mb(m['fixed']):>8} {mb(m['sparse']):>9}")
 
 
 def measure(cases, device, repeats):
@@ -275,7 +307,8 @@ def measure(cases, device, repeats):
             c["time"] = dict(zip(c["fns"], median_times(list(c["fns"].values()), device, repeats)))
     for c in cases:
         with torch.no_grad() if "kind" in c else torch.enable_grad():
-            c["memory"] = {k: peak_memory(fn, device) for k, fn in c["fns"].items() if k != "gather"}
+            c["memory"] = {k: peak_memory(fn, device) for k, fn in c["fns"].items()
+                           if k not in ("gather", "reference")}
 
 
 def main():
@@ -287,6 +320,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batches of part (a)")
     parser.add_argument("--head-batch", type=int, help="batch of part (b); default 1 on the CPU, 8 on CUDA")
+    parser.add_argument("--executed", type=float, nargs="+", default=[0.5, 0.25, 0.1],
+                        help="the executed fractions of part (b)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -297,12 +332,12 @@ def main():
         keep_freed_memory()
     torch.nn.functional.conv2d(torch.randn(1, 256, *P3, device=device, dtype=dtype),
                                torch.randn(256, 256, 3, 3, device=device, dtype=dtype), padding=1)  # warm-up
-    conv, head, gates = [], [], BlobGates()
+    conv, head, gates = [], [], BlobGates(PYRAMID, head_batch, device)
     try:
         if args.part in ("conv", "all"):
             conv = list(conv_cases(device, dtype, args.batches, [1.0, 0.5, 0.25, 0.1, 0.05]))
         if args.part in ("head", "all"):
-            head = list(head_cases(device, dtype, head_batch, [0.5, 0.25, 0.1], gates))
+            head = list(head_cases(device, dtype, head_batch, args.executed, gates))
         measure(conv + head, device, args.repeats)
     finally:
         gates.close()

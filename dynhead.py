@@ -10,20 +10,20 @@ feature takes next -- deeper at the same scale (depth path), to the finer level
 *spatial gate* in [0, 1]; where a gate is exactly 0 the path is not computed, and
 a budget loss teaches the gates to switch off as much as the task allows.
 
-This file depends on torch alone, so it can be copied into another detector.
-When sparse.py (gather-scatter kernels) sits beside it, the gated convolutions
-run there and the sparsity becomes wall-clock speed; otherwise the dense
-reference below computes the very same numbers.
+This file depends on torch alone, so it can be copied into another detector. It
+is the reference: every level is computed on its own, every conv densely, and the
+gates zero what they switch off. When sparse.py sits beside it, the dynamic head
+runs there instead -- the five levels packed into one map, each conv computed
+only where its gate is on -- and gives the same numbers (tests/test_sparse.py).
 
 Map, in the paper's order:
     gate_activation        Eq. 3, the gate activation delta(v)
     SpatialGate            §2.2.1, Fig. 3c: 3x3 conv -> (GAP) -> activation
-    masked_conv2d,         the one seam for masked computation (§2.2.3, §2.3):
-    masked_group_norm(s),    dense references with GN over the computed pixels
-    gate_conv2d, prepare_masks
+    masked_conv2d,         masked computation, dense: a conv and a GroupNorm
+    masked_group_norm        whose statistics are taken over the computed pixels
     DepthPath, ScalePath   §2.2.3: the paths a router can send a pixel along
-    Router                 §2.1, Eq. 2: one depth step of the routing space
-    HeadCost               Eq. 4-5: soft budget, executed and full MACs
+    Router                 §2.1, Eq. 2: one depth step, in three methods
+    HeadCost, Tally        Eq. 4-5: soft budget, executed and full MACs
     DynamicHead            the routing tower over the pyramid (one per branch)
 """
 import math
@@ -33,16 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # sparse.py beside this file turns the gates' zeros into speed (§2.2.3); optional
-    import sparse as _sparse
-    if not hasattr(_sparse, "masked_conv2d"):  # some other package called "sparse"
-        _sparse = None
-except ImportError:
-    _sparse = None
-
-MODES = ("dynamic", "fixed")
 ACTIVATIONS = ("proposed", "restricted_tanh", "softmax")
-PATHS = ("depth", "scale")
+PATH_TYPES = ("depth", "scale")
 INIT_GATE = 0.99  # every gate starts almost fully on; the budget turns them off (§2.4)
 
 
@@ -56,8 +48,8 @@ def gate_activation(v, tau=1.5):
     v <= 0 both the value and the gradient are exactly 0, which is what lets a
     masked-out pixel be skipped in training as well as inference (§2.2.3).
 
-    Near v = 0 the sum tanh(v - tau) + tanh(tau) cancels: in bf16, gates of v up
-    to ~0.004 came out exactly 0 (pixels computed with a dead gradient). Written
+    Near v = 0 the sum tanh(v - tau) + tanh(tau) cancels (in bf16, gates of v up
+    to ~0.004 would round to 0: pixels computed with a dead gradient). Written
     with exponentials (tanh x = (1 - e^-2x) / (1 + e^-2x)), Eq. 3 is
 
         delta(v) = (1 - e^-2v) / (1 + e^(2 (tau - v)))      for v > 0,
@@ -67,12 +59,11 @@ def gate_activation(v, tau=1.5):
     >= 0. In fp32 at least; rounded back to fp16, only the gates of v up to ~3e-7
     underflow to 0.
     """
-    # v <= 0 is clamped to 0, where the formula gives 0: large negative v would make
-    # inf / inf, and even in the branch that torch.where discards a NaN reaches the gradient
-    vf = v.to(torch.promote_types(v.dtype, torch.float32)).clamp_min(0)
-    g = -torch.expm1(-2 * vf) / (1 + torch.exp(2 * (tau - vf)))
-    # torch.where so that v <= 0 gives an exact 0 with an exact 0 gradient
-    return torch.where(vf > 0, g, torch.zeros_like(g)).to(v.dtype)
+    # relu(v): v <= 0 gives 0 with a zero gradient (relu's gradient at 0 is 0), and
+    # large negative v never reaches exp (inf / inf would send a NaN into the gradient)
+    vf = F.relu(v.float() if v.dtype in (torch.float16, torch.bfloat16) else v)
+    m = -2 * vf
+    return (torch.expm1(m) / (-1 - torch.exp(m + 2 * tau))).to(v.dtype)  # -0.0 / -x: an exact +0 at v <= 0
 
 
 def gate_init_bias(activation, tau, num_paths=1):
@@ -114,48 +105,32 @@ class SpatialGate(nn.Module):
         nn.init.normal_(self.conv.weight, std=0.01)
         nn.init.constant_(self.conv.bias, gate_init_bias(activation, tau, num_paths))
 
-    def forward(self, x, paths=None, kernels=None):
-        # paths: a slice of the output channels needed here (a level at the top or
-        # bottom of the pyramid has no finer or coarser neighbour); default all. A
-        # slice, not a list: indexing a GPU tensor with a Python list copies the list
-        # to the GPU, and the host waits for the GPU to finish all its queued work.
-        w, b = self.conv.weight, self.conv.bias
-        if paths is not None:
-            w, b = w[paths], b[paths]
-        v = (kernels or DenseKernels).gate_conv2d(x, w, b)  # (B, C, H, W) -> (B, P, H, W)
+    def forward(self, x, paths=slice(None)):
+        # paths: the slice of the output channels needed here (a level at the top or
+        # bottom of the pyramid has no coarser or finer neighbour)
+        v = F.conv2d(x, self.conv.weight[paths], self.conv.bias[paths], padding=1)  # (B, P, H, W)
         if self.coarse:  # Tab. 1 "DY" without "FG": one value per image and path
-            v = v.mean((2, 3), keepdim=True)
+            v = v.mean((2, 3), keepdim=True).expand_as(v)
+        return self.activate(v)
+
+    def activate(self, v):
+        """Logits (B, P, ...) -> (gates, active): a path is computed at the pixels
+        where its gate is not 0 (Eq. 3: where v > 0; the softmax: everywhere)."""
         if self.activation == "softmax":
-            v0 = torch.zeros_like(v[:, :1])
-            gate = torch.softmax(torch.cat([v, v0], 1), dim=1)[:, :-1]
-            active = torch.ones_like(gate, dtype=torch.bool)
+            gate = torch.softmax(F.pad(v, (0, 0) * (v.dim() - 2) + (0, 1)), dim=1)[:, :-1]  # + "no path" logit 0
         else:
-            tau = self.tau if self.activation == "proposed" else 0.0
-            gate = gate_activation(v, tau)
-            active = v > 0  # exactly where delta(v) may be non-zero
-        size = (x.shape[0], v.shape[1], x.shape[2], x.shape[3])
-        return gate.expand(size), active.expand(size)
+            gate = gate_activation(v, self.tau if self.activation == "proposed" else 0.0)
+        return gate, gate > 0
 
 
 # -----------------------------------------------------------------------------
-# Masked computation: the seam between the head and its kernels (§2.2.3, §2.3)
+# Masked computation, dense (§2.2.3, §2.3)
 #
-# Every gated conv and its GroupNorm goes through these functions. `mask` is a
-# (B, H, W) bool map of the pixels to compute, or None for "all of them". The
-# dense references here compute everywhere and zero the rest; sparse.py has the
-# same signatures and computes only the masked pixels. GroupNorm's statistics
-# are taken over the computed pixels only (a decision of this project, see the
-# README), so the two agree to float tolerance in training and inference alike.
-
-def gate_conv2d(x, weight, bias):
-    """The gate conv: 3x3, every pixel (the gates decide what is skipped, §2.2.1)."""
-    return F.conv2d(x, weight, bias, padding=1)
-
-
-def prepare_masks(masks):
-    """Turn bool masks into what the kernels take (sparse.py indexes them, all at once)."""
-    return list(masks)
-
+# `mask` is a (B, H, W) bool map of the pixels a path computes, or None for "all
+# of them". These references compute everywhere and zero the rest; sparse.py
+# computes only the masked pixels. GroupNorm's statistics are taken over the
+# computed pixels only (a decision of this project, see the README), so the two
+# agree to float tolerance in training and inference alike.
 
 def masked_conv2d(x, mask, weight, bias=None, groups=1):
     """3x3 conv, stride 1, padding 1, kept where `mask` is true and 0 elsewhere."""
@@ -168,7 +143,7 @@ def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
     if mask is None:
         return F.group_norm(x, num_groups, weight, bias, eps)
     B, C, H, W = x.shape
-    acc = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least (AMP)
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # statistics in fp32 at least
     m = mask[:, None, None].to(acc)                                 # (B, 1, 1, H, W)
     xg = x.to(acc).reshape(B, num_groups, C // num_groups, H, W)    # (B, G, C/G, H, W)
     count = (m.sum((2, 3, 4), keepdim=True) * (C // num_groups)).clamp_min(1)
@@ -179,27 +154,12 @@ def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
     return y.to(x.dtype)
 
 
-def masked_group_norms(xs, masks, num_groups, weight, bias, eps=1e-5):
-    """masked_group_norm of several maps (the levels of a pyramid) that share one
-    GroupNorm's weights; sparse.py runs them all in one pass."""
-    return [masked_group_norm(x, m, num_groups, weight, bias, eps) for x, m in zip(xs, masks)]
-
-
-class DenseKernels:
-    """The dense reference kernels, as one namespace like the sparse module."""
-    gate_conv2d = staticmethod(gate_conv2d)
-    prepare_masks = staticmethod(prepare_masks)
-    masked_conv2d = staticmethod(masked_conv2d)
-    masked_group_norm = staticmethod(masked_group_norm)
-    masked_group_norms = staticmethod(masked_group_norms)
-
-
 # -----------------------------------------------------------------------------
 # Paths (§2.2.3)
 
 def conv_macs(channels, depthwise=False):
     """Per-pixel MACs of a 3x3 conv C -> C (or depthwise) plus its GroupNorm,
-    which the authors count too (DESIGN §5)."""
+    which the authors count too (docs/DESIGN.md §5)."""
     return (9 * channels if depthwise else 9 * channels * channels) + channels
 
 
@@ -222,70 +182,52 @@ class DepthPath(nn.Module):
         for conv in (self.conv1, self.conv2):
             nn.init.normal_(conv.weight, std=0.01)
         self.unit_macs = conv_macs(channels)  # per conv, per pixel
+        self.convs = 2
 
-    def masks(self, active):
-        """(B, H, W) active -> the masks of conv1 and conv2: M2 = active, and M1 =
-        M2 dilated by conv2's 3x3 receptive field (Fig. 3). None: compute everywhere."""
-        if active is None:
-            return [None, None]
-        return [F.max_pool2d(active[:, None].float(), 3, 1, 1)[:, 0] > 0, active]
+    def forward(self, a, gate=None, active=None):
+        """One level: a (B, C, H, W); gate (B, 1, H, W) and active (B, H, W), or None
+        (ungated: computed everywhere)."""
+        M2 = active
+        M1 = None if M2 is None else F.max_pool2d(M2[:, None].float(), 3, 1, 1)[:, 0] > 0
+        y = masked_conv2d(a, M1, self.conv1.weight)
+        y = F.relu(masked_group_norm(y, M1, self.gn1.num_groups, self.gn1.weight, self.gn1.bias, self.gn1.eps))
+        y = masked_conv2d(y, M2, self.conv2.weight)
+        y = masked_group_norm(y, M2, self.gn2.num_groups, self.gn2.weight, self.gn2.bias, self.gn2.eps)
+        return F.relu(a + y if gate is None else torch.addcmul(a, gate, y))  # Eq. 2: gated output + residual
 
-    def forward(self, xs, gates, masks, kernels=DenseKernels):
-        # Every level at once: xs[n] (B, C, H_n, W_n); gates[n] (B, 1, H_n, W_n) or None
-        # (fixed mode); masks[n] = (M1, M2) from self.masks, prepared. The convs run
-        # level by level; each GroupNorm, its weights shared by the levels, runs once
-        # for all of them (on a GPU, one set of kernel launches instead of five).
-        M1, M2 = zip(*masks)
-        gn1, gn2 = self.gn1, self.gn2
-        ys = [kernels.masked_conv2d(a, m, self.conv1.weight) for a, m in zip(xs, M1)]
-        ys = kernels.masked_group_norms(ys, M1, gn1.num_groups, gn1.weight, gn1.bias, gn1.eps)
-        ys = [kernels.masked_conv2d(F.relu(y, inplace=True), m, self.conv2.weight) for y, m in zip(ys, M2)]
-        ys = kernels.masked_group_norms(ys, M2, gn2.num_groups, gn2.weight, gn2.bias, gn2.eps)
-        # Eq. 2: the path's output weighted by its gate, plus the residual
-        return [F.relu(a + y if g is None else torch.addcmul(a, g, y), inplace=True)
-                for a, g, y in zip(xs, gates, ys)]
-
-    def full_macs(self, hw):
-        return 2 * hw * self.unit_macs
-
-    def costs(self, gate, active):
-        """Per image (B,): the soft (Eq. 4) and executed MACs of this path on one level."""
-        soft_m1 = F.max_pool2d(gate, 3, 1, 1)  # Eq. 4: the gate max-pooled over conv1's field
-        M1, M2 = self.masks(active)  # the pixels conv1 and conv2 really compute
-        soft = (gate.sum((1, 2, 3)) + soft_m1.sum((1, 2, 3))) * self.unit_macs
-        executed = (M2.sum((1, 2)) + M1.sum((1, 2))) * self.unit_macs
-        return soft, executed
+    @staticmethod
+    def soft_and_executed(gate, active):
+        """Per image (B,): Eq. 4's soft count of computed pixels over both convs --
+        conv2 weighted by the gate, conv1 by the gate max-pooled over conv2's
+        field -- and the pixels really computed (M2 and M1)."""
+        soft = gate.sum((1, 2, 3)) + F.max_pool2d(gate, 3, 1, 1).sum((1, 2, 3))
+        M1 = F.max_pool2d(active[:, None].float(), 3, 1, 1) > 0
+        return soft, active.sum((1, 2)) + M1.sum((1, 2, 3))
 
 
 class ScalePath(nn.Module):
     """A scale path (up or down): depthwise 3x3 conv + GN at the source level,
-    weighted by its gate; the router resizes it to the neighbour level."""
+    weighted by its gate; the router resizes it to the neighbour level. The
+    depthwise conv has a bias, as in the authors' model: a GroupNorm of several
+    channels per group does not absorb a per-channel bias."""
 
     def __init__(self, channels, gn_groups):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
         self.gn = nn.GroupNorm(gn_groups, channels)
         nn.init.normal_(self.conv.weight, std=0.01)
+        nn.init.zeros_(self.conv.bias)
         self.unit_macs = conv_macs(channels, depthwise=True)
+        self.convs = 1
 
-    def masks(self, active):
-        """The mask of the one conv: where the gate is on (None: everywhere)."""
-        return [active]
+    def forward(self, x, gate=None, active=None):
+        y = masked_conv2d(x, active, self.conv.weight, self.conv.bias, groups=self.conv.groups)
+        y = masked_group_norm(y, active, self.gn.num_groups, self.gn.weight, self.gn.bias, self.gn.eps)
+        return y if gate is None else gate * y
 
-    def forward(self, xs, gates, masks, kernels=DenseKernels):
-        # The levels this path leaves from, at once, as DepthPath.forward; masks[n] = (M,)
-        M = [m for m, in masks]
-        ys = [kernels.masked_conv2d(x, m, self.conv.weight, groups=self.conv.groups) for x, m in zip(xs, M)]
-        ys = kernels.masked_group_norms(ys, M, self.gn.num_groups, self.gn.weight, self.gn.bias, self.gn.eps)
-        return [y if g is None else g * y for g, y in zip(gates, ys)]
-
-    def full_macs(self, hw):
-        return hw * self.unit_macs
-
-    def costs(self, gate, active):
-        soft = gate.sum((1, 2, 3)) * self.unit_macs  # Eq. 4 as in the paper: not detached
-        executed = active.sum((1, 2)) * self.unit_macs
-        return soft, executed
+    @staticmethod
+    def soft_and_executed(gate, active):
+        return gate.sum((1, 2, 3)), active.sum((1, 2))  # Eq. 4 as in the paper: not detached
 
 
 def resize(x, size):
@@ -308,133 +250,139 @@ class Router(nn.Module):
       3. depth path: x[n] = relu(m_depth(a[n]) * block(a[n]) + a[n]).
 
     Several paths may be on at one pixel: each gate is independent (Eq. 2).
-    Each phase computes the gates of every level first, then hands all their masks
-    to the kernels at once (sparse.py indexes them with one `nonzero`, so that the
-    host waits for a GPU once per phase, not once per mask), then runs each path
-    once over all its levels (its GroupNorms normalise all the levels in one pass).
+    `gated` names the path types that have gates (Tab. 3); the others run on
+    every pixel. With no gates at all (the fixed head of Tab. 1) the arrivals are
+    summed with weight 1, as in the authors' fixed head (alpha is then no
+    parameter); a dynamic head learns alpha from 0, so its scale paths start silent.
     """
 
-    def __init__(self, channels, mode, paths, activation, tau, coarse, gn_groups):
+    def __init__(self, channels, gated, activation, tau, coarse, gn_groups):
         super().__init__()
-        self.dynamic = mode == "dynamic"
-        self.depth = DepthPath(channels, gn_groups) if "depth" in paths else None
-        self.down = self.up = None
-        if "scale" in paths:
-            self.down = ScalePath(channels, gn_groups)
-            self.up = ScalePath(channels, gn_groups)
-            self.alpha = nn.Parameter(torch.zeros(1))  # scale paths start silent
-            self.beta = nn.Parameter(torch.ones(1))
-        if self.dynamic:
-            gate = lambda p: SpatialGate(channels, p, activation, tau, coarse)
-            self.depth_gate = gate(1) if self.depth is not None else None
-            self.scale_gate = gate(2) if self.down is not None else None  # (down, up)
+        self.depth = DepthPath(channels, gn_groups)
+        self.down, self.up = ScalePath(channels, gn_groups), ScalePath(channels, gn_groups)
+        self.alpha = nn.Parameter(torch.zeros(1)) if gated else None
+        self.beta = nn.Parameter(torch.ones(1))
+        gate = lambda p: SpatialGate(channels, p, activation, tau, coarse)
+        self.depth_gate = gate(1) if "depth" in gated else None
+        self.scale_gate = gate(2) if "scale" in gated else None  # (down, up)
         self.gate_macs = 9 * channels  # per pixel and per gate channel
 
-    def forward(self, xs, kernels, tally):
-        L = len(xs)
-        a = xs
-        if self.down is not None:
-            # the gates of every level first, then every mask of them indexed at once
-            # (kernels.prepare_masks: one `nonzero` for all of them, not one per mask)
-            plans = []  # per level: [(name, gate, active)] of the paths that exist there
-            for n, x in enumerate(xs):
-                # no coarser level above P7, no finer below P3
-                names = [p for p, ok in (("down", n < L - 1), ("up", n > 0)) if ok]
-                gates = actives = None
-                if self.dynamic:
-                    wanted = slice(0 if "down" in names else 1, 2 if "up" in names else 1)  # of (down, up)
-                    gates, actives = self.scale_gate(x, wanted, kernels)
-                    tally.add_gate(self.gate_macs * len(names), x)
-                plans.append([(name, None if gates is None else gates[:, i:i + 1],
-                               None if actives is None else actives[:, i]) for i, name in enumerate(names)])
-            masks = iter(self.prepare(kernels, [(self.down, act) for plan in plans for _, _, act in plan]))
-            runs = {"down": [], "up": []}  # per path, the levels it leaves from: (n, x, gate, active, masks)
-            for n, (x, plan) in enumerate(zip(xs, plans)):
-                for name, g, act in plan:
-                    runs[name].append((n, x, g, act, next(masks)))
-            sent_down, sent_up = [None] * L, [None] * L
-            for name, path, sent in (("down", self.down, sent_down), ("up", self.up, sent_up)):
-                if not runs[name]:
-                    continue
-                levels, ins, gs, acts, ms = zip(*runs[name])
-                for n, x, g, act, out in zip(levels, ins, gs, acts, path(ins, gs, ms, kernels)):
-                    tally.add_path(path, g, act, x, name, n)
-                    sent[n] = out
-            a = []
-            for n, x in enumerate(xs):
-                arriving = [resize(s, x.shape[-2:]) for s in
-                            (sent_down[n - 1] if n > 0 else None,
-                             sent_up[n + 1] if n < L - 1 else None) if s is not None]
-                a.append(torch.addcmul(self.beta * x, self.alpha, sum(arriving)))  # alpha * arriving + beta * x
-        if self.depth is None:
-            return a
-        gates = [(None, None)] * L
-        if self.dynamic:
-            gates = [self.depth_gate(an, kernels=kernels) for an in a]
-            gates = [(g, act[:, 0]) for g, act in gates]
-            for an in a:
-                tally.add_gate(self.gate_macs, an)
-        masks = self.prepare(kernels, [(self.depth, act) for _, act in gates])
-        outs = self.depth(a, [g for g, _ in gates], masks, kernels)
-        for n, (an, (g, act)) in enumerate(zip(a, gates)):
-            tally.add_path(self.depth, g, act, an, "depth", n)
-        return outs
+    def forward(self, xs, tally):
+        s_down, s_up = self.scale_paths(xs, tally)
+        a = self.aggregate(xs, s_down, s_up)
+        return self.depth_path(a, tally)
 
-    @staticmethod
-    def prepare(kernels, uses):
-        """[(path, active)] -> each path's masks, all prepared by one call."""
-        wanted = [path.masks(act) for path, act in uses]
-        flat = iter(kernels.prepare_masks([m for ms in wanted for m in ms]))
-        return [[next(flat) for _ in ms] for ms in wanted]
+    def scale_paths(self, xs, tally):
+        """Step 1: what each level sends down (to the coarser level) and up (to the
+        finer), at the source level's resolution; None where no neighbour exists."""
+        L = len(xs)
+        sent = {"down": [None] * L, "up": [None] * L}
+        for n, x in enumerate(xs):
+            names = [p for p, ok in (("down", n < L - 1), ("up", n > 0)) if ok]  # none above P7, below P3
+            gates = actives = None
+            if self.scale_gate is not None:
+                wanted = slice(0 if "down" in names else 1, 2 if "up" in names else 1)  # of (down, up)
+                gates, actives = self.scale_gate(x, wanted)
+                tally.gate_conv(self.gate_macs, len(names) * x.shape[-2] * x.shape[-1])
+            for i, name in enumerate(names):
+                g, act = (None, None) if gates is None else (gates[:, i:i + 1], actives[:, i])
+                path = getattr(self, name)
+                sent[name][n] = path(x, g, act)
+                tally.path(name, n, path, x, g, act)
+        return sent["down"], sent["up"]
+
+    def aggregate(self, xs, s_down, s_up):
+        """Step 2: a[n] = alpha * (arrivals from n-1 and n+1, resized to n) + beta * x[n]."""
+        L, a = len(xs), []
+        for n, x in enumerate(xs):
+            arrivals = sum(resize(s, x.shape[-2:]) for s in (s_down[n - 1] if n > 0 else None,
+                                                              s_up[n + 1] if n < L - 1 else None) if s is not None)
+            a.append((arrivals if self.alpha is None else self.alpha * arrivals) + self.beta * x)
+        return a
+
+    def depth_path(self, a, tally):
+        """Step 3: the gated residual block on each level's router input."""
+        outs = []
+        for n, an in enumerate(a):
+            g = act = None
+            if self.depth_gate is not None:
+                g, act = self.depth_gate(an)
+                act = act[:, 0]
+                tally.gate_conv(self.gate_macs, an.shape[-2] * an.shape[-1])
+            outs.append(self.depth(an, g, act))
+            tally.path("depth", n, self.depth, an, g, act)
+        return outs
 
 
 # -----------------------------------------------------------------------------
 # Resource budget (§2.3-2.4, Eq. 4-5)
 
 class HeadCost(NamedTuple):
-    """Per image, shape (B,): Eq. 5's differentiable budget ratio in [0, 1]; the
-    MACs really needed with binary masks (gate convs included); and the MACs
-    with every path on (gate convs included in the dynamic mode)."""
+    """Per image, shape (B,): Eq. 5's differentiable budget ratio in [0, 1] (1 for
+    a head without gates); the MACs really needed with binary masks (gate convs
+    included); and the MACs with every path on (gate convs included)."""
     soft: torch.Tensor
     executed: torch.Tensor
     full: torch.Tensor
 
 
-class _Tally:
-    """Accumulates the costs of one forward, and the gates for visualisation."""
+class Tally:
+    """The costs of one forward, in one place (Eq. 4-5), and its gates (Fig. 4).
+
+    A path's cost is counted in pixel-convs -- one conv of the path at one pixel
+    -- times the path's MACs per pixel-conv (a 3x3 conv and its GroupNorm): `full`
+    at every pixel of every conv; `executed` where the masks say the conv runs;
+    `soft`, Eq. 4, with the gates in place of the binary masks. Eq. 5's budget
+    is the soft cost over the full cost of the gated paths. What depends only on
+    the shapes (the full costs, the gate convs, the ungated paths) is summed as
+    numbers; the per-image counts of the gated paths are combined once, at the end
+    (a forward on a GPU then launches a few kernels for its costs, not hundreds)."""
 
     def __init__(self, batch, device, dtype, depth, num_levels):
-        f64 = dict(device=device, dtype=torch.float64)
-        self.soft = torch.zeros(batch, device=device, dtype=torch.promote_types(dtype, torch.float32))
+        self.batch, self.device = batch, device
+        self.dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        self.full = self.always = 0.0  # per image: every MAC, and those that run whatever the gates
         self.soft_total = 0.0  # Eq. 5's denominator: the gated paths' full cost
-        self.executed, self.full = torch.zeros(batch, **f64), torch.zeros(batch, **f64)
+        self.units, self.softs, self.counts = [], [], []  # per gated path: MACs per pixel-conv, (B,) sums
         self.gates = [dict() for _ in range(depth)]
         self.step, self.num_levels = 0, num_levels
 
-    def add_gate(self, macs, x):
-        hw = x.shape[-2] * x.shape[-1]
-        self.executed += macs * hw
-        self.full += macs * hw
+    def gate_conv(self, macs_per_pixel, pixels):
+        """A gate conv runs at every pixel: executed and full alike."""
+        self.full += macs_per_pixel * pixels
+        self.always += macs_per_pixel * pixels
 
-    def add_path(self, path, gate, active, x, name, level):
-        full = path.full_macs(x.shape[-2] * x.shape[-1])
+    def add(self, path, pixels, soft=None, executed=None):
+        """One path over `pixels` pixels per image; soft and executed (B,) pixel-convs,
+        or None for an ungated path, which runs at every pixel."""
+        full = path.unit_macs * path.convs * pixels
         self.full += full
-        if gate is None:  # fixed mode: every path fully computed
-            self.executed += full
+        if executed is None:
+            self.always += full
             return
-        soft, executed = path.costs(gate, active)
-        self.soft = self.soft + soft.to(self.soft.dtype)
+        self.units.append(path.unit_macs), self.softs.append(soft), self.counts.append(executed)
         self.soft_total += full
-        self.executed += executed.double()
-        levels = self.gates[self.step].setdefault(name, [None] * self.num_levels)
-        levels[level] = gate.detach()
+
+    def path(self, name, level, path, x, gate, active):
+        """One path on one level map, as the reference computes it."""
+        soft = executed = None
+        if gate is not None:
+            soft, executed = path.soft_and_executed(gate, active)
+            self.record(name, level, gate)
+        self.add(path, x.shape[-2] * x.shape[-1], soft, executed)
+
+    def record(self, name, level, gate):
+        self.gates[self.step].setdefault(name, [None] * self.num_levels)[level] = gate.detach()
 
     def result(self):
-        if self.soft_total == 0:  # fixed mode: nothing can be switched off
-            soft = torch.ones_like(self.soft)
-        else:
-            soft = self.soft / self.soft_total
-        return HeadCost(soft, self.executed, self.full)
+        f64 = dict(device=self.device, dtype=torch.float64)
+        full = torch.full((self.batch,), float(self.full), **f64)
+        if not self.units:  # no gates: nothing can be switched off
+            return HeadCost(torch.ones(self.batch, device=self.device, dtype=self.dtype), full, full)
+        units = torch.tensor(self.units, **f64)
+        executed = torch.stack(self.counts, 1).double() @ units + self.always  # exact: integers below 2^53
+        soft = torch.stack(self.softs, 1).to(self.dtype) @ units.to(self.dtype) / self.soft_total
+        return HeadCost(soft, executed, full)
 
 
 # -----------------------------------------------------------------------------
@@ -449,43 +397,37 @@ class DynamicHead(nn.Module):
     forward, `head.cost` is a HeadCost and `head.gates[step][path][level]` holds
     the gates (B, 1, H_l, W_l) of that forward, detached (Fig. 4).
 
-    mode="fixed" removes every gate (all paths on): Tab. 1's static baseline.
-    paths=("depth",) or ("scale",): Tab. 3's path ablations.
+    gated: the path types that have spatial gates (Tab. 3: "depth", "scale", both
+        -- the default -- or none, which is the fixed head of Tab. 1: every path
+        on, no gates, the arrivals weighted 1). An ungated path runs everywhere.
     activation, tau: Tab. 2's gate activations; coarse=True: Tab. 1's coarse gates.
     """
 
-    def __init__(self, channels=256, depth=8, num_levels=5, mode="dynamic",
-                 paths=("depth", "scale"), activation="proposed", tau=1.5,
-                 coarse=False, gn_groups=32):
+    def __init__(self, channels=256, depth=8, num_levels=5, gated=PATH_TYPES, activation="proposed",
+                 tau=1.5, coarse=False, gn_groups=32):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-        paths = tuple(paths)
-        if not paths or any(p not in PATHS for p in paths):
-            raise ValueError(f"unknown paths {paths!r}; expected a non-empty subset of {PATHS}")
+        if isinstance(gated, str) or any(p not in PATH_TYPES for p in gated):
+            raise ValueError(f"unknown gated paths {gated!r}; expected a subset of {PATH_TYPES}, "
+                             f"e.g. ('depth', 'scale'), ('depth',), or () for the fixed head")
         if channels % gn_groups:
             raise ValueError(f"channels ({channels}) must be divisible by gn_groups ({gn_groups}); "
                              f"pick gn_groups among the divisors of {channels}")
-        if depth < 1 or num_levels < 1:
-            raise ValueError(f"depth and num_levels must be >= 1, got {depth} and {num_levels}")
-        if num_levels < 2 and "scale" in paths:
-            raise ValueError("scale paths go between levels and need num_levels >= 2; "
-                             "with one level use paths=('depth',)")
-        if activation == "proposed" and tau < 0:
-            raise ValueError(f"tau must be >= 0 (Eq. 3), got {tau}")
-        self.channels, self.num_levels, self.mode = channels, num_levels, mode
+        if depth < 1 or num_levels < 2:
+            raise ValueError(f"depth must be >= 1 and num_levels >= 2 (scale paths go between levels), "
+                             f"got {depth} and {num_levels}")
+        self.channels, self.num_levels = channels, num_levels
+        self.gated = tuple(p for p in PATH_TYPES if p in gated)
         self.routers = nn.ModuleList(
-            Router(channels, mode, paths, activation, tau, coarse, gn_groups) for _ in range(depth))
-        self.dense = False  # True: the dense reference kernels even where sparse.py is present
+            Router(channels, self.gated, activation, tau, coarse, gn_groups) for _ in range(depth))
+        self.dense = False  # True: the per-level reference even where sparse.py is present
         self.cost = None
         self.gates = None
 
-    def kernels(self):
-        """The masked-computation kernels: sparse.py's gather-scatter when it sits
-        beside this file, else (or with head.dense = True) the dense reference."""
-        return DenseKernels if self.dense or _sparse is None else _sparse
+    @property
+    def dynamic(self):
+        return bool(self.gated)
 
     def check(self, features):
         if not isinstance(features, (list, tuple)) or len(features) != self.num_levels:
@@ -505,15 +447,34 @@ class DynamicHead(nn.Module):
     def forward(self, features):
         self.check(features)
         x = features[0]
-        tally = _Tally(x.shape[0], x.device, x.dtype, len(self.routers), self.num_levels)
-        kernels = self.kernels()
-        xs = list(features)
-        for step, router in enumerate(self.routers):
-            tally.step = step
-            xs = router(xs, kernels, tally)
+        tally = Tally(x.shape[0], x.device, x.dtype, len(self.routers), self.num_levels)
+        packed = _sparse()
+        if self.dynamic and not self.dense and packed is not None:
+            xs = packed.run_head(self, list(features), tally)
+        else:
+            xs = list(features)
+            for step, router in enumerate(self.routers):
+                tally.step = step
+                xs = router(xs, tally)
         self.cost = tally.result()
-        self.gates = tally.gates if self.mode == "dynamic" else None
+        self.gates = tally.gates if self.dynamic else None
         return xs
+
+
+def _sparse():
+    """sparse.py, when it lies beside this file (imported on first use), whose
+    run_head executes the dynamic head on its packed canvas; else None."""
+    global _SPARSE
+    if _SPARSE is False:
+        try:
+            import sparse
+            _SPARSE = sparse if hasattr(sparse, "run_head") else None  # not some other package "sparse"
+        except ImportError:
+            _SPARSE = None
+    return _SPARSE
+
+
+_SPARSE = False
 
 
 if __name__ == "__main__":

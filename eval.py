@@ -28,14 +28,14 @@ import data
 from fcos import FCOS
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-MODEL_KEYS = ("backbone", "head", "depth", "lam", "tau", "activation", "coarse", "paths", "min_size",
+MODEL_KEYS = ("backbone", "head", "depth", "lam", "tau", "activation", "coarse", "gated", "min_size",
               "max_size", "channels")
 
 
 def build_model(args, num_classes, pretrained_backbone=None):
     """The model a run's arguments (a dict) describe."""
     kw = {k: args[k] for k in MODEL_KEYS}
-    kw["paths"] = tuple(kw["paths"])
+    kw["gated"] = tuple(kw["gated"])
     pretrained = args["pretrained_backbone"] if pretrained_backbone is None else pretrained_backbone
     return FCOS(num_classes, pretrained_backbone=pretrained, **kw)
 
@@ -114,9 +114,10 @@ def save_visualization(model, image, out, class_names, output_dir, image_id):
 
 def gate_grid(gates):
     """Rows: depth steps; columns: levels P3..P7, each upsampled to P3's size.
-    White = gate 1, black = 0 (skipped). The depth paths' gates, or for a head of
-    scale paths only (Tab. 3) the scale-down gates, then the scale-up gates below
-    them; a level that lacks the path (P7 has no coarser neighbour) stays grey."""
+    White = gate 1, black = 0 (skipped). The depth paths' gates, or for a head
+    whose scale paths alone are gated (Tab. 3) the scale-down gates, then the
+    scale-up gates below them; a level that lacks the path (P7 has no coarser
+    neighbour) stays grey."""
     paths = ["depth"] if "depth" in gates[0] else ["down", "up"]
     maps = [m for step in gates for path in paths for m in step[path] if m is not None]
     h, w = maps[0].shape[-2:]

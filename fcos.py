@@ -218,15 +218,16 @@ class FCOS(nn.Module):
     model(images) -> one dict per image: boxes (xyxy, in the image's own
     coordinates), scores, labels, and MACs (head executed / full, backbone+FPN).
 
-    head: "fcos" (4-conv towers), "fixed" (routing towers, all paths on, Tab. 1) or
-        "dynamic"; depth, tau, activation, coarse, paths: as in dynhead.DynamicHead.
+    head: "fcos" (4-conv towers), "fixed" (routing towers, all paths on, no gates:
+        Tab. 1) or "dynamic"; depth, tau, activation, coarse, gated: as in
+        dynhead.DynamicHead (gated: the path types with gates, Tab. 3).
     lam: lambda of Eq. 6, the weight of the budget loss.
     pretrained_backbone: True (torchvision's ImageNet weights), False, or a file.
     channels: FPN and head width (the paper: 256).
     """
 
     def __init__(self, num_classes, backbone="resnet50", head="dynamic", depth=8, lam=0.4, tau=1.5,
-                 activation="proposed", coarse=False, paths=("depth", "scale"), pretrained_backbone=True,
+                 activation="proposed", coarse=False, gated=("depth", "scale"), pretrained_backbone=True,
                  min_size=800, max_size=1333, channels=256):
         super().__init__()
         if head not in HEADS:
@@ -239,8 +240,9 @@ class FCOS(nn.Module):
         if head == "fcos":
             self.cls_tower, self.reg_tower = ConvTower(channels), ConvTower(channels)
         else:
-            make = lambda: DynamicHead(channels, depth, len(STRIDES), mode=head, paths=paths,
-                                       activation=activation, tau=tau, coarse=coarse)
+            gated = () if head == "fixed" else tuple(gated)
+            make = lambda: DynamicHead(channels, depth, len(STRIDES), gated=gated, activation=activation, tau=tau,
+                                       coarse=coarse)
             self.cls_tower, self.reg_tower = make(), make()
         self.predictors = Predictors(channels, num_classes, len(STRIDES))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
@@ -356,7 +358,7 @@ class FCOS(nn.Module):
     def budget(self, like):
         """Eq. 5 over the whole head: both towers have the same full cost, so the
         ratio of the summed costs is the mean of the two towers' ratios."""
-        if self.head != "dynamic":
+        if self.head == "fcos" or not self.cls_tower.dynamic:
             return like.new_zeros(())
         return ((self.cls_tower.cost.soft + self.reg_tower.cost.soft) / 2).mean()
 

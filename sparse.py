@@ -1,89 +1,289 @@
 """
-Gather-scatter masked convolutions: the gate sparsity of the dynamic head turned
-into wall-clock speed (Song et al., NeurIPS 2020, §2.2.3 and Fig. 3).
+Gather-scatter masked convolutions, and the dynamic head run on them: the gate
+sparsity of Song et al., NeurIPS 2020 (§2.2.3, Fig. 3) turned into wall-clock
+speed, in pure PyTorch, for training and inference, any batch, CPU and GPU.
 
-A gate that is exactly 0 at a pixel means the path's conv is not needed there.
-The paper counts the saving in FLOPs; the authors' code never shipped a fast
-masked conv. Here it is, in pure PyTorch, for training and inference, any batch,
-CPU and GPU, dense (3x3, C -> C') and depthwise convs:
+A gate that is exactly 0 at a pixel means the path's conv is not needed there
+(the paper counts the saving in FLOPs; the authors' code never shipped a fast
+masked conv). A 3x3 conv at N chosen pixels is computed here as
 
-    1. index the mask once (`prepare_masks`): the flat positions of the active
-       pixels, and for each of them the 9 neighbours of a 3x3 window -- clamped
-       to the image, with the taps that fall outside it marked to be zeroed
-       (no padding of the whole map);
-    2. over chunks of n pixels, on the CPU for each of the 9 taps (dy, dx) of the
-       window: gather the (n, C) rows of the active pixels' neighbours at that
-       offset from the channels-last map, and add rows @ W_tap, a (C, C') GEMM,
-       into an (n, C') accumulator -- or a multiply-add per channel for
-       depthwise; on a GPU gather the (n, 9C) windows at once and run one GEMM;
-    3. scatter the (n, C') rows back into a zero map.
+    1. the flat positions of the N pixels, and for each the positions of its 9
+       neighbours (a neighbour table, (9, N));
+    2. over chunks of pixels: gather the (n, 9C) windows of the channels-last map
+       (im2col) and run one GEMM with the (9C, C') weights -- on the CPU through
+       oneDNN, as a 1x1 conv -- or a multiply-add per channel for a depthwise conv;
+    3. the (N, C') rows, scattered back into a map, or kept as rows.
 
-Nine GEMMs of K = C rather than one im2col GEMM of K = 9C: the same arithmetic,
-but a chunk needs 2-3 rows per pixel of working memory (forward, backward) instead
-of 10, so that within the same budget each GEMM runs on 3x more pixels in fp32
-(1.5x in bf16) -- on the CPU, 5-15% faster. On a GPU, where the time goes into
-launching kernels, the one GEMM of im2col wins (GATHER).
+Backward is the same gather -> GEMM -> scatter-add in reverse, so the gradients
+are exact: the gate activation has zero value and zero gradient where it is 0
+(Eq. 3), so the skipped pixels contribute nothing to any gradient.
 
-Backward is the same gather -> GEMM -> scatter-add in reverse, so gradients are
-exact: the gate activation has zero value and zero gradient where it is 0 (Eq. 3),
-so the skipped pixels contribute nothing to any gradient (DESIGN §4).
+The dynamic head (`run_head`, called by dynhead.DynamicHead) runs on a *canvas*:
+the five levels packed into one map, each framed by zeros. A 3x3 conv of the
+canvas is then the conv of every level with its zero padding, so each gate conv,
+depthwise conv and GroupNorm of a router runs once over all levels (the router's
+weights are shared across levels), and a pixel's 3x3 neighbours lie at fixed
+offsets in the canvas, with no border to handle. The depth path stays in rows of
+active pixels from conv1 to conv2, its gate and residual are applied on those
+rows only, and everything else runs on whole canvases.
 
-Where gathering loses to the dense conv (high density, tiny maps), `masked_conv2d`
-runs the dense conv and masks it: same numbers either way. The thresholds come
-from bench.py, per device type.
+Where gathering loses to the dense conv (high density, tiny maps, every conv on a
+GPU: see BENCHMARKS.md) the dense conv runs and is masked; same numbers either way.
 
 Map:
-    ActiveSet, prepare_masks  the indexed masks, shared by every conv and GN on them
-    masked_conv2d             gather -> GEMM -> scatter (or the dense fallback)
-    masked_group_norm(s)      GroupNorm statistics over the active pixels only (of several maps at once)
-    gate_conv2d               the gates' dense 3x3 conv C -> 1-2, fast on the CPU
-    DENSE_ABOVE, use_dense    the dispatch rule
+    DENSE_ABOVE, use_dense      the dispatch rule
+    _GatherConv                 the gather -> GEMM kernel, forward and backward
+    group_norm_rows             GroupNorm of rows, statistics per segment
+    ActiveSet, masked_conv2d,   one masked conv (or GroupNorm) on a map of its own
+      masked_group_norm
+    gate_conv2d                 the gates' dense 3x3 conv C -> 1-2, fast on the CPU
+    Canvas, ActiveRows          the packed pyramid and its active pixels
+    run_head                    §2.1's three steps of every router, on the canvas
 """
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
 # The dispatch rule: above these densities (fraction of active pixels) the dense
-# conv is faster than gather-scatter, as measured by `python bench.py` (README).
-# CPU (fp32): the conv gathers faster up to density 0.7, ties at 0.8, and loses at
-# 1.0, in inference and training alike. The memory-bound depthwise conv gathers
-# faster alone only at 5-10% density (by up to 1.8x on a P3 map), and in the whole
-# head not at all (levels are small, 1262 ms dense against 1344 ms gathered at 10%
-# executed MACs), so it always runs dense. CUDA (H100, bf16, batch 1 and 8, P3 map):
-# cuDNN's dense conv (0.07 ms at batch 1, 0.33 ms at batch 8) beat gathering at
-# every density down to 0.05. The im2col kernel alone, the mask already indexed,
-# takes 0.47 ms at density 0.1 and 0.28 ms at 0.05 (batch 8): the unfused gather ->
-# GEMM -> scatter moves ~9x the active input through memory. Indexing a mask for
-# it (`nonzero` and the 3x3 taps, some 20 small ops) costs another 0.35-0.4 ms. So
-# on CUDA every masked conv runs dense (the gather kernel stays exact there and is
-# tested; a fused kernel would be needed to win); the GroupNorms still run over the
-# active pixels only, which is where the head saves time on a GPU.
+# conv is faster than gathering (`python bench.py --part conv`, BENCHMARKS.md). The
+# memory-bound depthwise conv never gathers faster in the head; on CUDA cuDNN's
+# dense conv beats the unfused gather at every density.
 DENSE_ABOVE = {
     ("cpu", "conv"): 0.7,
     ("cpu", "depthwise"): 0.0,
     ("cuda", "conv"): 0.0,
     ("cuda", "depthwise"): 0.0,
 }
-MIN_PIXELS = 64  # maps with fewer pixels per image run dense: nothing to gain
-# The form of the gather kernel, per device type (_MaskedConv): nine shifted GEMMs
-# on the CPU (less memory per pixel, so larger GEMMs: faster there), one im2col
-# GEMM on a GPU (a handful of kernel launches per chunk instead of ~30: on an H100,
-# batch 8, density 0.1, 0.47 ms against 1.29 ms, and 2.9 ms against 5.6 ms for a
-# training step).
-GATHER = {"cpu": "taps", "cuda": "im2col"}
-# The working memory of one chunk of pixels (see _chunks): at most CHUNK_BYTES, and
-# at most the output map's size over CHUNK_SHARE (so that gathering needs less
-# memory than the dense conv), but never below MIN_CHUNK_BYTES. CPU: chunks of a few
-# MB stay in cache (1.5x to 4x larger ones measured no faster in the head, 2x smaller
-# ones 5% slower). CUDA: every chunk costs kernel launches, so fewer, larger ones (on
-# an H100, the im2col kernel forced on a batch-8 bf16 P3 conv at density 0.1: chunks
-# of a quarter of the output map 0.63 ms, half 0.47 ms, the whole map 0.39 ms; half
-# keeps the sparse path's memory below the dense conv's and its mask's).
-CHUNK_BYTES = {"cpu": 8 * 2 ** 20, "cuda": 256 * 2 ** 20}
-CHUNK_SHARE = {"cpu": 4, "cuda": 2}
-MIN_CHUNK_BYTES = 2 * 2 ** 20  # smaller chunks make GEMMs too small to run fast
+MIN_PIXELS = 64  # a lone map with fewer pixels per image runs dense: nothing to gain
+# A chunk of pixels holds at most CHUNK_BYTES of working memory (CPU: GEMMs of a few
+# thousand rows run at full speed; CUDA: few large chunks, few launches) and at most
+# the dense conv's output over CHUNK_SHARE (so that gathering needs no more memory
+# than the dense conv), but never less than MIN_CHUNK_BYTES (small GEMMs run slowly).
+CHUNK_BYTES = {"cpu": 64 * 2 ** 20, "cuda": 256 * 2 ** 20}
+CHUNK_SHARE = {"cpu": 1, "cuda": 2}
+MIN_CHUNK_BYTES = 8 * 2 ** 20
 
+
+def use_dense(density, kind, device):
+    """The dispatch rule: the dense conv where gathering would be slower."""
+    return density > DENSE_ABOVE.get((device.type, kind), 0.0)
+
+
+# -----------------------------------------------------------------------------
+# The gather kernel
+
+class Neighbours:
+    """The 3x3 neighbours of N pixels: taps (9, N), tap t = 3 * (dy + 1) + (dx + 1),
+    flat row indices into the source rows; and the (9, N) bool map of the taps to
+    read as zero, or None where the source holds a zero at every such position."""
+
+    def __init__(self, taps, outside=None):
+        self.taps, self.outside = taps, outside
+
+    def __len__(self):
+        return self.taps.shape[1]
+
+
+def _chunks(nb, pixel_bytes, dense_bytes, device):
+    """Yield (start, stop, taps, outside) over the pixels of `nb`, chunks of
+    near-equal size whose working set, `pixel_bytes` per pixel, stays under
+    CHUNK_BYTES and under a share of the dense conv's output `dense_bytes`."""
+    n, kind = len(nb), device.type
+    cap = CHUNK_BYTES.get(kind, CHUNK_BYTES["cuda"])
+    share = CHUNK_SHARE.get(kind, CHUNK_SHARE["cuda"])
+    step = max(1, min(cap, max(dense_bytes // share, MIN_CHUNK_BYTES)) // pixel_bytes)
+    step = max(1, -(-n // max(1, -(-n // step))))  # near-equal chunks: no small GEMM left at the end
+    for start in range(0, max(n, 1), step):  # an empty set still makes one (empty) pass
+        stop = min(n, start + step)
+        yield start, stop, nb.taps[:, start:stop], None if nb.outside is None else nb.outside[:, start:stop]
+
+
+def _windows(rows, taps, outside):
+    """(n, 9, C): the 3x3 windows of n pixels, gathered at once (im2col); the taps
+    beyond the border zeroed."""
+    n = taps.shape[1]
+    cols = rows.index_select(0, taps.t().reshape(-1)).view(n, 9, rows.shape[1])
+    return cols if outside is None else cols.masked_fill_(outside.t()[:, :, None], 0)
+
+
+def _matmul(a, w):
+    """a (n, K) @ w.t(), w (M, K) contiguous: on the CPU as a 1x1 conv of a
+    channels-last (1, K, 1, n) view of a, so that oneDNN runs it (its GEMMs here ran
+    at up to twice the speed of the BLAS behind `@`, BENCHMARKS.md)."""
+    if a.device.type != "cpu" or a.dtype == torch.float64 or not len(a):  # oneDNN: no fp64, no empty map
+        return a @ w.t()
+    image = a.view(1, 1, a.shape[0], a.shape[1]).permute(0, 3, 1, 2)
+    return _rows(F.conv2d(image, w.view(w.shape[0], w.shape[1], 1, 1)))
+
+
+def _fp32_at_least(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _accumulate(acc, y):
+    """acc + y, in place once acc exists, kept in fp32 at least: sums of many bf16
+    terms (many chunks) would otherwise add up their roundings."""
+    return y.to(_fp32_at_least(y.dtype)) if acc is None else acc.add_(y)
+
+
+def _rows(t):
+    """(B, C, H, W) -> (B*H*W, C) pixel rows; a view when t is channels_last."""
+    B, C, H, W = t.shape
+    return t.permute(0, 2, 3, 1).reshape(B * H * W, C)
+
+
+class _GatherConv(torch.autograd.Function):
+    """out[i] = sum_t src[taps[t, i]] @ W_t (+ bias): a 3x3 conv at N pixels from
+    the rows of its source: per chunk of pixels, gather the (n, 9C) windows
+    (im2col) and run one GEMM with the (9C, C_out) weights (a multiply-add per
+    channel for a depthwise conv). Backward gathers again rather than keeping
+    anything gathered."""
+
+    @staticmethod
+    def forward(ctx, src, weight, bias, nb, depthwise, dense_pixels):
+        C, C_out = src.shape[1], weight.shape[0]
+        # (C_out, 9C): column (3 * ky + kx) * C + c, as the windows; (9, C) per channel
+        w = weight.reshape(C, 9).t() if depthwise else weight.permute(0, 2, 3, 1).reshape(C_out, 9 * C)
+        out = src.new_empty(len(nb), C_out)
+        dense_bytes = dense_pixels * C_out * src.element_size()  # the output of the dense conv it replaces
+        pixel_bytes = (2 if depthwise else 1) * 9 * C * src.element_size() + C_out * 4  # windows, result
+        for start, stop, taps, outside in _chunks(nb, pixel_bytes, dense_bytes, src.device):
+            cols = _windows(src, taps, outside)  # (n, 9, C)
+            acc = (cols * w).sum(1) if depthwise else _matmul(cols.view(len(cols), 9 * C), w)
+            del cols  # free this chunk's windows before the next are gathered
+            out[start:stop] = acc if bias is None else acc + bias
+        ctx.save_for_backward(src, weight)
+        ctx.nb, ctx.depthwise, ctx.has_bias, ctx.dense_bytes = nb, depthwise, bias is not None, dense_bytes
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        src, weight = ctx.saved_tensors
+        nb, depthwise = ctx.nb, ctx.depthwise
+        C, C_out = src.shape[1], weight.shape[0]
+        need_src, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_src = src.new_zeros(src.shape) if need_src else None
+        if depthwise:
+            w = weight.reshape(C, 9).t()  # (9, C)
+        else:  # dL/dwindows = gy @ W: a GEMM with the (9C, C_out) transpose
+            w_t = weight.permute(2, 3, 1, 0).reshape(9 * C, C_out).contiguous()
+        grad_w = None  # (9C, C_out), or (9, C) depthwise; fp32 at least
+        grad_b = _accumulate(None, grad_out.sum(0)) if need_b else None
+        pixel_bytes = 2 * 9 * C * src.element_size() + C_out * 4
+        for start, stop, taps, outside in _chunks(nb, pixel_bytes, ctx.dense_bytes, src.device):
+            gy, n = grad_out[start:stop], stop - start
+            if need_w:  # dL/dW = windows^T @ gy, or per channel and tap sum(windows * gy)
+                cols = _windows(src, taps, outside)
+                grad_w = _accumulate(grad_w, (cols * gy[:, None]).sum(0) if depthwise else
+                                     cols.view(n, 9 * C).t() @ gy)
+                del cols
+            if need_src:  # dL/dwindows, added back where the windows came from
+                gcols = (gy[:, None] * w) if depthwise else _matmul(gy, w_t).view(n, 9, C)
+                if outside is not None:
+                    gcols.masked_fill_(outside.t()[:, :, None], 0)  # clamped border taps received nothing
+                grad_src.index_add_(0, taps.t().reshape(-1), gcols.reshape(n * 9, C))
+                del gcols
+        grad_weight = grad_bias = None
+        if need_w:
+            if depthwise:  # (9, C) -> (C, 1, 3, 3)
+                grad_weight = grad_w.t().reshape(C, 1, 3, 3)
+            else:  # (9C, C_out) -> (C_out, C_in, 3, 3)
+                grad_weight = grad_w.reshape(3, 3, C, C_out).permute(3, 2, 0, 1)
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_b and ctx.has_bias:
+            grad_bias = grad_b.to(weight.dtype)
+        return grad_src, grad_weight, grad_bias, None, None, None
+
+
+def gather_conv(src, nb, weight, bias, depthwise, dense_pixels):
+    """The rows (N, C_out) of a 3x3 conv at the pixels of `nb`, read from the rows
+    `src` (S, C), in place of a dense conv over `dense_pixels` pixels (which bounds
+    the working memory); under autocast in its dtype, as F.conv2d would."""
+    if torch.is_autocast_enabled(src.device.type):
+        dtype = torch.get_autocast_dtype(src.device.type)
+        src, weight, bias = src.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    with torch.autocast(src.device.type, enabled=False):
+        return _GatherConv.apply(src, weight, bias, nb, depthwise, dense_pixels)
+
+
+# -----------------------------------------------------------------------------
+# GroupNorm over active pixels (docs/DESIGN.md §4)
+
+class _NormaliseRows(torch.autograd.Function):
+    """GroupNorm without its affine, over pixel rows (N, C): each group of each row
+    less its segment's mean, over its segment's standard deviation, where a segment
+    (an image, or one level of an image) holds the rows given for it and no other
+    pixel. All segments at once, no loop and no host sync: per-segment sums are
+    scattered with `index_add_`. Statistics in fp32 at least, in two passes (the
+    mean, then the mean square deviation: E[x^2] - E[x]^2 would lose the variance
+    of values far from 0). Backward is GroupNorm's, by hand:
+    dx = rstd * (dy - mean(dy) - y * mean(dy * y)), the means over the segment
+    and group (a third of the passes autograd would make)."""
+
+    @staticmethod
+    def forward(ctx, rows, segments, num_groups, eps):
+        N, C = rows.shape
+        G = num_groups
+        segment, count = segments.index, (segments.count * (C // G))[:, None]  # values per segment and group
+
+        def segment_mean(values):  # (N, G) per-row sums -> (N, G) the mean over each row's segment
+            sums = values.new_zeros(segments.num, G).index_add_(0, segment, values)
+            return (sums / count).index_select(0, segment)
+
+        r = rows.to(_fp32_at_least(rows.dtype)).view(N, G, C // G)
+        centred = r - segment_mean(r.sum(2))[:, :, None]
+        rstd = torch.rsqrt(segment_mean(torch.einsum("ngc,ngc->ng", centred, centred)) + eps)  # (N, G)
+        y = centred * rstd[:, :, None]
+        ctx.save_for_backward(y, rstd, segment, count)
+        ctx.num_segments, ctx.dtype = segments.num, rows.dtype
+        return y.view(N, C)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, rstd, segment, count = ctx.saved_tensors
+        N, G, Cg = y.shape
+        dy = grad.to(y.dtype).view(N, G, Cg)
+        moments = torch.stack([dy.sum(2), torch.einsum("ngc,ngc->ng", dy, y)], 1)  # (N, 2, G)
+        means = (moments.new_zeros(ctx.num_segments, 2, G).index_add_(0, segment, moments) /
+                 count[:, :, None]).index_select(0, segment)
+        dx = torch.addcmul(dy, y, -means[:, 1, :, None])  # dy - y * mean(dy * y)
+        dx = torch.addcmul(-means[:, 0, :, None] * rstd[:, :, None], dx, rstd[:, :, None])
+        return dx.view(N, G * Cg).to(ctx.dtype), None, None, None
+
+
+class Segments:
+    """The GroupNorm segment of each of N rows (an image, or one level of an
+    image), index (N,) in 0..num - 1, and the number of rows in each segment (at
+    least 1). `shared`: Segments of more rows whose segments include these and no
+    other rows of them, whose counts serve (counted once for several GroupNorms)."""
+
+    def __init__(self, index, num, shared=None):
+        self.index, self.num, self.shared = index, num, shared
+
+    @functools.cached_property
+    def count(self):
+        if self.shared is not None:
+            return self.shared.count
+        return torch.bincount(self.index, minlength=self.num).clamp_min_(1)
+
+
+def normalise_rows(rows, segments, num_groups, eps=1e-5):
+    """GroupNorm without its affine over pixel rows, statistics per segment and
+    group (_NormaliseRows). Returns fp32 at least."""
+    return _NormaliseRows.apply(rows, segments, num_groups, eps)
+
+
+def group_norm_rows(rows, segments, num_groups, weight, bias, eps=1e-5):
+    """GroupNorm of pixel rows (N, C), statistics per segment and group (see
+    normalise_rows). An empty set of rows still keeps weight and bias in the
+    autograd graph (DDP needs every gradient)."""
+    return torch.addcmul(bias, normalise_rows(rows, segments, num_groups, eps), weight).to(rows.dtype)
+
+
+# -----------------------------------------------------------------------------
+# One masked conv on a map of its own (the same signatures as dynhead.py's)
 
 def _check_mask(mask):
     if mask.dim() != 3 or mask.dtype != torch.bool:
@@ -91,19 +291,13 @@ def _check_mask(mask):
 
 
 class ActiveSet:
-    """A (B, H, W) bool mask, indexed once -- when first needed -- and reused by
-    every conv and GroupNorm that shares it. Indexing a mask costs a host sync on a
-    GPU (`nonzero`'s size is data-dependent): `prepare_masks` indexes all the masks
-    of a router phase with one `nonzero`. The 3x3 neighbours (`taps`) cost no sync;
-    the CPU kernel's per-chunk lists of border taps (`cuts`) one per mask."""
+    """A (B, H, W) bool mask of a map, indexed when first needed and reused by every
+    conv and GroupNorm that shares it. Its pixels' 3x3 neighbours are clamped into
+    the image, the taps beyond it marked to read zero (no padding of the map)."""
 
-    def __init__(self, mask, index=None):
+    def __init__(self, mask):
         _check_mask(mask)
         self.mask = mask
-        if index is not None:  # else the mask is indexed when first needed
-            self.index = index
-        self._taps = None
-        self._cuts = {}  # chunk size -> outside taps per chunk
 
     @functools.cached_property
     def index(self):
@@ -113,6 +307,9 @@ class ActiveSet:
     @property
     def indexed(self):
         return "index" in self.__dict__
+
+    def __len__(self):
+        return self.index.numel()
 
     @property
     def density(self):
@@ -124,81 +321,17 @@ class ActiveSet:
         B, H, W = self.mask.shape
         return torch.div(self.index, H * W, rounding_mode="floor")
 
-    def __len__(self):
-        return self.index.numel()
-
-    def taps(self):
-        """(9, N) flat index of each active pixel's 3x3 neighbours, tap by tap (tap
-        t = 3 * (dy + 1) + (dx + 1)), clamped into the image; and (9, N) bool, the
-        taps that fall outside it. No host sync: the sizes are known."""
-        if self._taps is None:
-            B, H, W = self.mask.shape
-            yx = self.index % (H * W)
-            y, x = torch.div(yx, W, rounding_mode="floor"), yx % W
-            d = torch.arange(-1, 2, device=y.device)
-            ny = y[None, None, :] + d[:, None, None]  # (3, 1, N): dy
-            nx = x[None, None, :] + d[None, :, None]  # (1, 3, N): dx
-            outside = (ny < 0) | (ny >= H) | (nx < 0) | (nx >= W)  # (3, 3, N)
-            flat = self.batch * H * W + ny.clamp(0, H - 1) * W + nx.clamp(0, W - 1)  # (3, 3, N)
-            self._taps = flat.reshape(9, -1), outside.reshape(9, -1)
-        return self._taps
-
-    def cuts(self, step):
-        """For each chunk of `step` pixels and each tap, the chunk's pixels (counted
-        from the chunk's first) whose tap falls outside the image: one host sync per
-        mask and chunk size, not one per chunk."""
-        if step not in self._cuts:
-            outside = self.taps()[1].reshape(-1).nonzero().squeeze(1)  # positions in (9, N) laid flat
-            n = max(1, len(self))
-            num_chunks = -(-n // step)
-            tap, pixel = torch.div(outside, n, rounding_mode="floor"), outside % n
-            chunk = torch.div(pixel, step, rounding_mode="floor")
-            # `outside` runs tap by tap, pixel by pixel: sorted by (tap, chunk)
-            sizes = torch.bincount(tap * num_chunks + chunk, minlength=9 * num_chunks).tolist()
-            parts = (pixel - chunk * step).split(sizes)
-            self._cuts[step] = [[parts[t * num_chunks + c] for t in range(9)] for c in range(num_chunks)]
-        return self._cuts[step]
-
-
-def prepare_mask(mask):
-    """Wrap a bool mask as an ActiveSet, indexed when first needed and then shared;
-    None (compute everything) passes through."""
-    if mask is None or isinstance(mask, ActiveSet):
-        return mask
-    return ActiveSet(mask)
-
-
-def prepare_masks(masks):
-    """Index several bool masks (None passes through) with one `nonzero` over all of
-    them: on a GPU, the host waits once for the work queued before (then twice
-    more, briefly, for the masks' shares) instead of once per mask. A router phase
-    that indexed each of its 8-10 masks (5 levels) on its own would stall the GPU
-    as many times. A lone mask is only wrapped (indexed when first needed)."""
-    todo = [m for m in masks if m is not None and not isinstance(m, ActiveSet)]
-    if len(todo) < 2:
-        return [prepare_mask(m) for m in masks]
-    for m in todo:
-        _check_mask(m)
-    index = torch.cat([m.reshape(-1) for m in todo]).nonzero().squeeze(1)  # (N,) into the masks laid end to end
-    starts = [0]
-    for m in todo:
-        starts.append(starts[-1] + m.numel())
-    # each mask's share of `index` (its queue drained by `nonzero`, the GPU answers at once)
-    cuts = torch.searchsorted(index, torch.tensor(starts, device=index.device)).tolist()
-    prepared = iter([ActiveSet(m, index[cuts[i]:cuts[i + 1]] - starts[i]) for i, m in enumerate(todo)])
-    return [m if m is None or isinstance(m, ActiveSet) else next(prepared) for m in masks]
-
-
-def use_dense(active, kind, x):
-    """The dispatch rule: run the dense conv where gathering would be slower. Where
-    it would be slower at any density (a threshold of 0: every conv on a GPU), a
-    mask not yet indexed is not indexed for it (on a GPU, a host sync that alone
-    costs as much as the conv); an indexed empty mask still costs nothing."""
-    B, H, W = active.mask.shape
-    threshold = DENSE_ABOVE.get((x.device.type, kind), 0.0)
-    if H * W < MIN_PIXELS or (threshold <= 0 and not active.indexed):
-        return True
-    return active.density > threshold
+    @functools.cached_property
+    def neighbours(self):
+        B, H, W = self.mask.shape
+        yx = self.index % (H * W)
+        y, x = torch.div(yx, W, rounding_mode="floor"), yx % W
+        d = torch.arange(-1, 2, device=y.device)
+        ny = y[None, None, :] + d[:, None, None]  # (3, 1, N): dy
+        nx = x[None, None, :] + d[None, :, None]  # (1, 3, N): dx
+        outside = (ny < 0) | (ny >= H) | (nx < 0) | (nx >= W)  # (3, 3, N)
+        flat = self.batch * H * W + ny.clamp(0, H - 1) * W + nx.clamp(0, W - 1)  # (3, 3, N)
+        return Neighbours(flat.reshape(9, -1), outside.reshape(9, -1))
 
 
 def _check(x, active, weight, groups):
@@ -216,171 +349,10 @@ def _check(x, active, weight, groups):
                          f"channels; expected (C_out, {C}, 3, 3) or depthwise ({C}, 1, 3, 3) with groups={C}")
 
 
-def _chunks(active, pixel_bytes, out_bytes, cut_lists):
-    """Yield (start, stop, taps, border) over the active pixels: the chunk's (9, n)
-    neighbour indices and the taps to zero -- per tap, the chunk's pixels whose tap
-    is outside the image (cut_lists, the CPU's nine GEMMs: few rows to zero, one
-    host sync per mask) or the (9, n) bool map of them (im2col: one masked fill,
-    no sync). A chunk's working set, `pixel_bytes` per pixel, stays under
-    CHUNK_BYTES and, on large maps, under a share of the output map, so that the
-    sparse path needs no more memory than the dense conv and its mask."""
-    taps, outside = active.taps()
-    n, device = len(active), taps.device.type
-    cap = CHUNK_BYTES.get(device, CHUNK_BYTES["cuda"])
-    share = CHUNK_SHARE.get(device, CHUNK_SHARE["cuda"])
-    step = max(1, min(cap, max(out_bytes // share, MIN_CHUNK_BYTES)) // pixel_bytes)
-    num_chunks = max(1, -(-n // step))
-    step = max(1, -(-n // num_chunks))  # chunks of near-equal size, not a small GEMM left at the end
-    cuts = active.cuts(step) if cut_lists else None
-    for i, start in enumerate(range(0, max(n, 1), step)):  # an empty set still makes one (empty) pass
-        stop = min(n, start + step)
-        yield start, stop, taps[:, start:stop], cuts[i] if cut_lists else outside[:, start:stop]
-
-
-def _gather(rows, taps, cut):
-    """(n, C): the rows of one tap of n pixels; taps beyond the border read zero."""
-    g = rows.index_select(0, taps)
-    if cut.numel():
-        g.index_fill_(0, cut, 0)
-    return g
-
-
-def _windows(rows, taps, outside):
-    """(n, 9, C): the 3x3 windows of n pixels, gathered at once (im2col); taps
-    beyond the border zeroed."""
-    n = taps.shape[1]
-    cols = rows.index_select(0, taps.t().reshape(-1)).view(n, 9, rows.shape[1])
-    return cols.masked_fill_(outside.t()[:, :, None], 0)
-
-
-def _accumulate(acc, y):
-    """acc + y, in place once acc exists, kept in fp32 at least: sums of many bf16
-    terms (9 taps, many chunks) would otherwise add up their roundings."""
-    return y.to(torch.promote_types(y.dtype, torch.float32)) if acc is None else acc.add_(y)
-
-
-def _multiply_add(acc, a, b, depthwise):
-    """acc + a @ b (depthwise: a * b), as `_accumulate`, with no temporary in fp32."""
-    if acc is not None and acc.dtype == a.dtype:
-        return acc.addcmul_(a, b) if depthwise else acc.addmm_(a, b)
-    return _accumulate(acc, a * b if depthwise else a @ b)
-
-
-def _rows(t):
-    """(B, C, H, W) -> (B*H*W, C) pixel rows; a view when t is channels_last."""
-    B, C, H, W = t.shape
-    return t.permute(0, 2, 3, 1).reshape(B * H * W, C)
-
-
-def _tap_weights(weight, depthwise):
-    """(C_out, C_in, 3, 3) -> per tap t = 3 * ky + kx: (9, C_in, C_out) matrices,
-    or (9, C) per-channel factors for a depthwise conv."""
-    if depthwise:
-        return weight.reshape(weight.shape[0], 9).t()
-    w = weight.permute(2, 3, 1, 0).reshape(9, weight.shape[1], weight.shape[0])  # a view if channels_last
-    return w if 1 in w.stride()[1:] else w.contiguous()  # GEMMs read a matrix with a unit stride
-
-
-class _MaskedConv(torch.autograd.Function):
-    """Gather -> GEMM -> scatter over chunks of active pixels, in one of two forms
-    that do the same arithmetic (GATHER picks one per device type):
-
-    - "taps", nine shifted GEMMs: for each tap t of the 3x3 window, gather the
-      (n, C) rows of the neighbours at that offset and add rows @ W_t into an
-      (n, C_out) accumulator. 2 rows per pixel of working memory (3 in backward)
-      where im2col needs 9 + 1, so 3x larger GEMMs in the same budget (fp32): on
-      the CPU, one conv ran 5-15% faster than with im2col, and the D8 head 5%
-      (inference) and 11% (training) faster at 25%.
-    - "im2col": gather the (n, 9C) windows at once and run one GEMM with the
-      (9C, C_out) weights. A handful of kernel launches per chunk instead of ~30:
-      on a GPU, where each launch costs the host more than a small GEMM costs
-      the device, that is what counts.
-
-    Backward gathers again rather than saving anything gathered."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, active, depthwise):
-        B, C, H, W = x.shape
-        C_out = weight.shape[0]
-        im2col = GATHER.get(x.device.type, "im2col") == "im2col"
-        rows, w = _rows(x), _tap_weights(weight, depthwise)
-        out = x.new_zeros(B * H * W, C_out)
-        # working memory per pixel: the windows (and, depthwise, their product with the
-        # weights) and the fp32 result; or, nine GEMMs, one tap's rows and the accumulator
-        pixel_bytes = ((2 if depthwise else 1) * 9 * C * x.element_size() + C_out * 4) if im2col else \
-            3 * max(C, C_out) * 4
-        for start, stop, taps, border in _chunks(active, pixel_bytes, out.numel() * out.element_size(), not im2col):
-            if im2col:
-                cols = _windows(rows, taps, border)  # (n, 9, C)
-                acc = (cols * w).sum(1) if depthwise else cols.view(len(cols), 9 * C) @ w.reshape(9 * C, C_out)
-                del cols
-            else:
-                acc = None
-                for t in range(9):
-                    acc = _multiply_add(acc, _gather(rows, taps[t], border[t]), w[t], depthwise)
-            if bias is not None:
-                acc += bias
-            out.index_copy_(0, active.index[start:stop], acc.to(out.dtype))  # scatter this chunk at once
-            del acc  # free this chunk before the next one is gathered
-        ctx.save_for_backward(x, weight)
-        ctx.active, ctx.depthwise, ctx.has_bias, ctx.im2col = active, depthwise, bias is not None, im2col
-        return out.view(B, H, W, C_out).permute(0, 3, 1, 2)  # channels_last
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        active, depthwise, im2col = ctx.active, ctx.depthwise, ctx.im2col
-        B, C, H, W = x.shape
-        C_out = weight.shape[0]
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        rows, grad_rows = _rows(x), (x.new_zeros(B * H * W, C) if need_x else None)
-        grad_y_all = _rows(grad_out)
-        w = _tap_weights(weight, depthwise)
-        grad_w = [None] * 9  # per tap (im2col: all taps in [0]), fp32 at least
-        grad_b = None
-        pixel_bytes = (2 * 9 * C + C_out) * x.element_size() if im2col else 3 * max(C, C_out) * 4
-        for start, stop, taps, border in _chunks(active, pixel_bytes, grad_out.numel() * x.element_size(),
-                                                 not im2col):
-            gy = grad_y_all.index_select(0, active.index[start:stop])  # (n, C_out)
-            if need_b:
-                grad_b = _accumulate(grad_b, gy.sum(0))
-            if im2col:
-                n = len(gy)
-                if need_w:  # dL/dW = cols^T @ gy, or per channel and tap sum(cols * gy)
-                    cols = _windows(rows, taps, border)
-                    grad_w[0] = _accumulate(grad_w[0], (cols * gy[:, None]).sum(0)) if depthwise else \
-                        _multiply_add(grad_w[0], cols.view(n, 9 * C).t(), gy, False)
-                    del cols
-                if need_x:  # dL/dcols = gy @ W^T, added back where the windows came from
-                    gcols = gy[:, None] * w if depthwise else (gy @ w.reshape(9 * C, C_out).t()).view(n, 9, C)
-                    gcols.masked_fill_(border.t()[:, :, None], 0)  # clamped border taps received nothing
-                    grad_rows.index_add_(0, taps.t().reshape(-1), gcols.reshape(n * 9, C))
-                    del gcols
-                continue
-            for t in range(9):
-                if need_w:  # dL/dW_t = rows_t^T @ gy, or per channel sum(rows_t * gy)
-                    g = _gather(rows, taps[t], border[t])
-                    grad_w[t] = _accumulate(grad_w[t], (g * gy).sum(0)) if depthwise else \
-                        _multiply_add(grad_w[t], g.t(), gy, False)
-                    del g
-                if need_x:  # dL/drows_t = gy @ W_t^T, added back where the rows came from
-                    gx = gy * w[t] if depthwise else gy @ w[t].t()  # (n, C)
-                    if border[t].numel():
-                        gx.index_fill_(0, border[t], 0)  # clamped border taps received nothing
-                    grad_rows.index_add_(0, taps[t], gx)  # the transpose of the gather
-                    del gx
-        grad_x = grad_rows.view(B, H, W, C).permute(0, 3, 1, 2) if need_x else None
-        grad_weight = grad_bias = None
-        if need_w:
-            grad_w = grad_w[0].reshape(9, C, -1) if im2col else torch.stack(grad_w)  # (9, C_in, C_out); (9, C) depthwise
-            if depthwise:  # -> (C, 1, 3, 3)
-                grad_weight = grad_w.reshape(9, C).t().reshape(C, 1, 3, 3)
-            else:  # -> (C_out, C_in, 3, 3)
-                grad_weight = grad_w.reshape(3, 3, C, C_out).permute(3, 2, 0, 1)
-            grad_weight = grad_weight.to(weight.dtype)
-        if need_b and ctx.has_bias:
-            grad_bias = grad_b.to(weight.dtype)
-        return grad_x, grad_weight, grad_bias, None, None
+def _scatter(rows, index, B, H, W):
+    """(N, C) rows at flat positions -> a (B, C, H, W) channels-last map, 0 elsewhere."""
+    out = rows.new_zeros(B * H * W, rows.shape[1]).index_copy_(0, index, rows)
+    return out.view(B, H, W, -1).permute(0, 3, 1, 2)
 
 
 def masked_conv2d(x, mask, weight, bias=None, groups=1):
@@ -392,23 +364,40 @@ def masked_conv2d(x, mask, weight, bias=None, groups=1):
     """
     if mask is None:
         return F.conv2d(x, weight, bias, padding=1, groups=groups)
-    active = prepare_mask(mask)
+    active = mask if isinstance(mask, ActiveSet) else ActiveSet(mask)
     _check(x, active, weight, groups)
-    depthwise = groups > 1
-    if use_dense(active, "depthwise" if depthwise else "conv", x):
+    B, C, H, W = x.shape
+    kind = "depthwise" if groups > 1 else "conv"
+    # where the dense conv wins at any density (a GPU), a mask not yet indexed is not
+    # indexed for it: `nonzero` makes the host wait for the device
+    never = DENSE_ABOVE.get((x.device.type, kind), 0.0) <= 0 and not active.indexed
+    if H * W < MIN_PIXELS or never or use_dense(active.density, kind, x.device):
         y = F.conv2d(x, weight, bias, padding=1, groups=groups)
         return y * active.mask[:, None].to(y.dtype)
-    if torch.is_autocast_enabled(x.device.type):  # AMP: compute in its dtype, as F.conv2d would
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        return _MaskedConv.apply(x, weight, bias, active, depthwise)
+    rows = gather_conv(_rows(x), active.neighbours, weight, bias, groups > 1, B * H * W)
+    return _scatter(rows, active.index, B, H, W)
+
+
+def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
+    """GroupNorm whose statistics are taken over the active pixels of each image
+    and group only (docs/DESIGN.md §4); 0 outside the mask."""
+    if mask is None:
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    active = mask if isinstance(mask, ActiveSet) else ActiveSet(mask)
+    B, C, H, W = x.shape
+    if tuple(active.mask.shape) != (B, H, W):
+        raise ValueError(f"mask must be (B, H, W) = {(B, H, W)} to match x, got {tuple(active.mask.shape)}")
+    if C % num_groups:
+        raise ValueError(f"{C} channels are not divisible into {num_groups} groups")
+    rows = _rows(x).index_select(0, active.index)
+    return _scatter(group_norm_rows(rows, Segments(active.batch, B), num_groups, weight, bias, eps),
+                    active.index, B, H, W)
 
 
 def gate_conv2d(x, weight, bias):
     """The gates' 3x3 conv C -> P (P = 1 or 2 paths), run on every pixel. CPU conv
     kernels are slow for so few output channels: a 1x1 conv to 9P channels, then
-    the sum of the 9 shifted taps, computes the same about 4x faster here."""
+    the sum of the 9 shifted taps, computes the same several times faster."""
     if x.device.type != "cpu":
         return F.conv2d(x, weight, bias, padding=1)
     B, C, H, W = x.shape
@@ -422,67 +411,340 @@ def gate_conv2d(x, weight, bias):
     return out
 
 
-def masked_group_norm(x, mask, num_groups, weight, bias, eps=1e-5):
-    """GroupNorm whose statistics are taken over the active pixels of each image
-    and group only (DESIGN §4); 0 outside the mask.
+# -----------------------------------------------------------------------------
+# The pyramid packed into one canvas
 
-    All images at once, with no per-image loop and no host sync: per-(image, group)
-    sums are scattered with `index_add_` by each pixel's image, then each pixel is
-    normalised with its own image's statistics. Statistics in fp32 at least, two
-    passes (mean, then the mean square deviation) for accuracy. The output stays
-    in the autograd graph of x, weight and bias even when the mask is empty, so
-    DDP sees every parameter used."""
-    return masked_group_norms([x], [mask], num_groups, weight, bias, eps)[0]
+class Canvas:
+    """The levels of a pyramid packed into one map, each framed by zeros: level 0
+    on top, the others side by side below it (for an 800x1333 input, 153x170
+    pixels for 100x168 + 50x84 + 25x42 + 13x21 + 7x11: 16% more than the levels).
+
+        +--------------------+
+        |      level 0       |     every level has a zero row or column on each
+        +--------------------+     side, so a 3x3 conv with padding 1 of the
+        | level 1 | 2 |3|4|  |     canvas is the conv of each level with its own
+        +--------------------+     zero padding, and a pixel's neighbour (dy, dx)
+                                   lies dy * W + dx rows away in the flat canvas
+
+    Every canvas the head makes holds zeros outside the levels: what gathers or
+    convolves reads the frame as padding."""
+
+    def __init__(self, sizes, batch, device):
+        (h0, w0), rest = sizes[0], sizes[1:]
+        corners, x = [(1, 1)], 1
+        for h, w in rest:
+            corners.append((h0 + 2, x))
+            x += w + 1
+        self.H = h0 + 2 + (max(h for h, _ in rest) + 1 if rest else 0)
+        self.W = max(w0 + 2, x)
+        self.B, self.sizes, self.device = batch, list(sizes), device
+        self.regions = [(y, x, h, w) for (y, x), (h, w) in zip(corners, sizes)]
+        level = torch.full((self.H, self.W), -1, dtype=torch.long)
+        for n, (y, x, h, w) in enumerate(self.regions):
+            level[y:y + h, x:x + w] = n
+        self.level = level.to(device)  # (H, W): each pixel's level, -1 on the frame
+        # (B*H*W,) the segment of each pixel for GroupNorm: level * B + image
+        images = torch.arange(batch, device=device)[:, None, None]
+        self.segment = (self.level[None] * batch + images).reshape(-1)
+        self.num_segments = len(sizes) * batch
+        self.deltas = torch.tensor([dy * self.W + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)], device=device)
+        self.pixels = [h * w for h, w in sizes]  # per image and level
+        # where each path exists: depth everywhere, down below the top, up above the bottom
+        L = len(sizes)
+        self.on = [self.within(range(L)), self.within(range(L - 1)), self.within(range(1, L))]
+        self.depth_on = self.on[0].to(torch.get_default_dtype())
+        # added to a gate's logits: 0 where the level has the path, -inf elsewhere
+        off = lambda m: torch.zeros(m.shape, device=device).masked_fill_(~m, -math.inf)
+        self.depth_valid, self.scale_valid = off(self.on[0]), off(torch.cat(self.on[1:], 1))  # (down, up)
+        self.depth_pixels = sum(self.pixels)
+        self.path_pixels = [sum(self.pixels[:-1]), sum(self.pixels[1:])]  # down, up
+        self.scale_pixels = sum(self.path_pixels)  # the scale gate's channels, over the levels that have them
+
+    @staticmethod
+    @functools.lru_cache(maxsize=16)  # COCO's padded sizes repeat; each canvas holds a few small tables
+    def of(sizes, batch, device):
+        return Canvas(list(sizes), batch, device)
+
+    @functools.lru_cache(maxsize=4)
+    def segments(self, k):
+        """(k*B*H*W,) the segment of each pixel of k stacked masks: mask i's are
+        offset by i * num_segments, so that the k masks' segments are disjoint."""
+        return torch.cat([self.segment + i * self.num_segments for i in range(k)])
+
+    def within(self, levels):
+        """(1, 1, H, W) bool: the pixels of the given levels."""
+        return (sum(self.level == n for n in levels) > 0)[None, None]
+
+    @functools.cached_property
+    def depth_set(self):
+        """Every pixel of every level, as ActiveRows: an ungated depth path."""
+        return index_masks([self.on[0].expand(self.B, -1, -1, -1)[:, 0]], self)[0][0]
+
+    @functools.cached_property
+    def scale_sets(self):
+        """Every pixel that has a scale-down and a scale-up path: ungated scale paths."""
+        return index_masks([m.expand(self.B, -1, -1, -1)[:, 0] for m in self.on[1:]], self)[0]
+
+    def region(self, canvas, n):
+        y, x, h, w = self.regions[n]
+        return canvas[:, :, y:y + h, x:x + w]
+
+    def zeros(self, like):
+        """A zero canvas, channels_last, of the dtype, device and channels of `like`."""
+        return like.new_zeros(self.B, self.H, self.W, like.shape[1]).permute(0, 3, 1, 2)
 
 
-def masked_group_norms(xs, masks, num_groups, weight, bias, eps=1e-5):
-    """masked_group_norm of several maps that share one GroupNorm's weights -- the
-    levels of a pyramid, as the head's paths share theirs -- in one pass: the
-    active pixels of every map are gathered into one matrix, and each (map, image)
-    is a segment with statistics of its own. The same numbers as one call per map,
-    in about a third of the kernel launches for five levels: on a GPU, where the
-    head's time goes into launching small kernels, that is what counts."""
-    if len(xs) != len(masks):
-        raise ValueError(f"{len(xs)} maps but {len(masks)} masks; give one mask (or None) per map")
-    if not xs:
-        return []
-    if any(m is None for m in masks):  # fixed mode: plain GroupNorm, map by map
-        return [F.group_norm(x, num_groups, weight, bias, eps) if m is None else
-                masked_group_norm(x, m, num_groups, weight, bias, eps) for x, m in zip(xs, masks)]
-    actives = [prepare_mask(m) for m in masks]
-    B, C = xs[0].shape[:2]
-    for x, active in zip(xs, actives):
-        if x.dim() != 4 or x.shape[:2] != (B, C) or x.dtype != xs[0].dtype or x.device != xs[0].device:
-            raise ValueError(f"maps normalised together must all be (B, C, H, W) with (B, C) = {(B, C)}, "
-                             f"of one dtype and device; got {tuple(x.shape)} {x.dtype} on {x.device}")
-        if tuple(active.mask.shape) != (B, *x.shape[2:]):
-            raise ValueError(f"mask must be (B, H, W) = {(B, *x.shape[2:])} to match x, got {tuple(active.mask.shape)}")
-    if C % num_groups:
-        raise ValueError(f"{C} channels are not divisible into {num_groups} groups")
-    G, dtype = num_groups, torch.promote_types(xs[0].dtype, torch.float32)
-    parts = [_rows(x).index_select(0, active.index) for x, active in zip(xs, actives)]  # active pixels only
-    rows = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype).view(-1, G, C // G)
-    del parts
-    segment = actives[0].batch if len(actives) == 1 else \
-        torch.cat([active.batch + i * B for i, active in enumerate(actives)])  # (N,) map * B + image
-    S, N = len(actives) * B, len(rows)
-    count = rows.new_zeros(S).index_add_(0, segment, rows.new_ones(1).expand(N)).clamp_min_(1)[:, None]
+class _Pack(torch.autograd.Function):
+    """Levels -> canvas, and back: copies into and out of the regions, with the
+    gradient copied the other way (no autograd bookkeeping per region)."""
 
-    def segment_mean(values):  # (N, G) per pixel -> (N, G) the mean over the pixel's segment, per group
-        sums = values.new_zeros(S, G).index_add_(0, segment, values)
-        return (sums / count).index_select(0, segment)
+    @staticmethod
+    def forward(ctx, canvas_geometry, *levels):
+        ctx.cv = canvas_geometry
+        out = canvas_geometry.zeros(levels[0])
+        for n, level in enumerate(levels):
+            canvas_geometry.region(out, n).copy_(level)
+        return out
 
-    centred = rows - segment_mean(rows.mean(2))[:, :, None]  # the mean of the pixels' channel means
-    del rows  # each temporary goes as soon as it is used, to keep the peak memory down
-    var = segment_mean(centred.square().mean(2))
-    normed = centred * torch.rsqrt(var + eps)[:, :, None]
-    del centred
-    y = torch.addcmul(bias, normed.view(N, C), weight).to(xs[0].dtype)
-    del normed
-    outs, start = [], 0
-    for x, active in zip(xs, actives):  # scatter each map's rows into a zero map: in place, one map each
-        _, _, H, W = x.shape
-        out = x.new_zeros(B * H * W, C).index_copy_(0, active.index, y[start:start + len(active)])
-        outs.append(out.view(B, H, W, C).permute(0, 3, 1, 2))
-        start += len(active)
-    return outs
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *[ctx.cv.region(grad, n).contiguous(memory_format=torch.channels_last)
+                        for n in range(len(ctx.cv.regions))])
+
+
+class _Unpack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, canvas_geometry, canvas):
+        ctx.cv = canvas_geometry
+        return tuple(canvas_geometry.region(canvas, n).contiguous(memory_format=torch.channels_last)
+                     for n in range(len(canvas_geometry.regions)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        out = None
+        for n, g in enumerate(grads):
+            if g is not None:
+                out = ctx.cv.zeros(g) if out is None else out
+                ctx.cv.region(out, n).copy_(g)
+        return None, out
+
+
+class _Aggregate(torch.autograd.Function):
+    """§2.1 step 2 on a canvas: a = alpha * arrivals + beta * x, where a level's
+    arrivals are the scale-down paths of the level below it and the scale-up paths
+    of the level above it, each resized (bilinear, align_corners=True) to this
+    level's size. The paths come as rows of their active pixels (0 elsewhere), and
+    only the rows are kept for backward. One pass writes beta * x, and each resized
+    arrival is added into its region; the gradients are moved back by hand, region
+    by region (resizing is linear: <g, alpha * U s> = alpha * <U^T g, s>, so
+    alpha's gradient comes from the resize backward that s's gradient needs).
+    alpha None: the arrivals weighted 1 (the fixed head)."""
+
+    @staticmethod
+    def forward(ctx, cv, x, down, at_down, up, at_up, alpha, beta):
+        ctx.cv, ctx.sets, ctx.fixed = cv, {"down": at_down, "up": at_up}, alpha is None
+        sent = {"down": at_down.scatter(down), "up": at_up.scatter(up)}
+        a = x * beta
+        for source, target, name in _moves(cv):
+            resized = F.interpolate(cv.region(sent[name], source), size=cv.sizes[target], mode="bilinear",
+                                    align_corners=True)
+            region = cv.region(a, target)
+            region.add_(resized) if alpha is None else region.addcmul_(resized, alpha)
+        ctx.save_for_backward(x, down, up, alpha, beta)
+        return a
+
+    @staticmethod
+    def backward(ctx, grad):
+        cv = ctx.cv
+        x, down, up, alpha, beta = ctx.saved_tensors
+        grads = {"down": cv.zeros(grad), "up": cv.zeros(grad)}  # with respect to the sent canvases
+        for source, target, name in _moves(cv):
+            g = cv.region(grad, target).contiguous(memory_format=torch.channels_last)
+            B, C = g.shape[:2]
+            cv.region(grads[name], source).copy_(torch.ops.aten.upsample_bilinear2d_backward(
+                g, list(cv.sizes[target]), [B, C, *cv.sizes[source]], True))  # U^T g
+        g_down, g_up = ctx.sets["down"].gather(grads["down"]), ctx.sets["up"].gather(grads["up"])
+        grad_alpha = None
+        if not ctx.fixed:
+            grad_alpha = (torch.einsum("nc,nc->", g_down, down) + torch.einsum("nc,nc->", g_up, up)).reshape(1)
+            g_down, g_up = g_down * alpha, g_up * alpha
+        grad_beta = (grad * x).sum().reshape(beta.shape)
+        return None, grad * beta, g_down, None, g_up, None, grad_alpha, grad_beta
+
+
+def _moves(cv):
+    """(source level, target level, path): every level's scale-down path to the level
+    above it, then every scale-up path to the level below."""
+    L = len(cv.regions)
+    return [(n, n + 1, "down") for n in range(L - 1)] + [(n, n - 1, "up") for n in range(1, L)]
+
+
+class ActiveRows:
+    """The active pixels of a canvas mask as rows: their flat positions in the
+    canvas (b*H*W + y*W + x), each one's GroupNorm segment, and its neighbours."""
+
+    def __init__(self, index, canvas, segments, together):
+        self.index, self.cv, self.segments, self.together = index, canvas, segments, together
+
+    def __len__(self):
+        return self.index.numel()
+
+    @property
+    def density(self):
+        return len(self) / max(1, self.cv.B * sum(self.cv.pixels))
+
+    def neighbours(self, through=None):
+        """The 3x3 neighbours as rows of the canvas; or, `through` another set that
+        holds the 3x3 field of these pixels, as rows of that set's rows, row
+        len(through) standing for the zeros outside it."""
+        taps = self.index[None] + self.cv.deltas[:, None]  # (9, N): fixed offsets, the frame reads 0
+        if through is not None:
+            taps = through.inverse.index_select(0, taps.reshape(-1)).view(9, -1)
+        return Neighbours(taps)
+
+    @functools.cached_property
+    def inverse(self):
+        """(B*H*W,) each canvas position's row in this set, len(self) elsewhere."""
+        n = self.cv.B * self.cv.H * self.cv.W
+        inverse = torch.full((n,), len(self), dtype=torch.long, device=self.index.device)
+        return inverse.index_copy_(0, self.index, torch.arange(len(self), device=self.index.device))
+
+    def gather(self, canvas):
+        """(N, C) the rows of a canvas at these pixels."""
+        return _rows(canvas).index_select(0, self.index)
+
+    def scatter(self, rows):
+        """(N, C) rows -> a canvas, channels_last, 0 elsewhere."""
+        return _scatter(rows, self.index, self.cv.B, self.cv.H, self.cv.W)
+
+
+def index_masks(masks, canvas):
+    """Several (B, H, W) canvas masks -> their ActiveRows and their (k, B) pixel
+    counts per image, with one `nonzero` for all of them: on a GPU the host waits
+    for the device once per router phase, not once per mask. The masks' GroupNorm
+    segments are disjoint (mask i's are i * S .. i * S + S - 1), so that the rows
+    of several masks can be normalised in one pass."""
+    k = len(masks)
+    stacked = torch.stack(masks).reshape(k, canvas.B, -1)  # (k, B, H*W)
+    counts = stacked.sum(2)  # (k, B)
+    flat = stacked.reshape(-1).nonzero().squeeze(1)  # sorted by mask, then position
+    index = flat % (canvas.B * canvas.H * canvas.W)
+    together = Segments(canvas.segments(k).index_select(0, flat), k * canvas.num_segments)  # all k masks' rows
+    sizes = [sum(c) for c in counts.tolist()]
+    parts = zip(index.split(sizes), together.index.split(sizes))
+    return [ActiveRows(i, canvas, Segments(s, together.num, together), together) for i, s in parts], counts
+
+
+# -----------------------------------------------------------------------------
+# The dynamic head on the canvas: the steps of dynhead.Router, all levels at once
+
+def conv_at(x, at, weight, bias=None, groups=1):
+    """(N, C_out): a 3x3 conv of the canvas x at the pixels `at`; gathered, or the
+    dense conv of the whole canvas where the dispatch rule says it is faster."""
+    kind = "depthwise" if groups > 1 else "conv"
+    if use_dense(at.density, kind, x.device):
+        return at.gather(F.conv2d(x, weight, bias, padding=1, groups=groups))
+    return gather_conv(_rows(x), at.neighbours(), weight, bias, groups > 1, at.cv.B * at.cv.H * at.cv.W)
+
+
+def conv_from_rows(rows, source, at, weight):
+    """(N, C_out): a 3x3 conv at the pixels `at` of a map that is `rows` on the
+    pixels `source` (which hold the 3x3 field of `at`) and 0 elsewhere: the depth
+    path's conv2 reads conv1's output without a canvas in between."""
+    if use_dense(at.density, "conv", rows.device):
+        return at.gather(F.conv2d(source.scatter(rows), weight, padding=1))
+    padded = F.pad(rows, (0, 0, 0, 1))  # row len(source): the zeros outside it
+    return gather_conv(padded, at.neighbours(through=source), weight, None, False, at.cv.B * at.cv.H * at.cv.W)
+
+
+def gate_logits(gate, x, cv, valid):
+    """A gate conv over the whole canvas: (B, P, H, W) logits, -inf where a level
+    has no such path (and on the frame), so that the gate there is exactly 0."""
+    v = gate_conv2d(x, gate.conv.weight, gate.conv.bias)
+    if gate.coarse:  # Tab. 1's coarse gates: one value per image, level and path
+        v = v.clone()
+        for n in range(len(cv.regions)):
+            region = cv.region(v, n)
+            region.copy_(region.mean((2, 3), keepdim=True).expand_as(region))
+    return v + valid  # `valid`: 0 where the path exists, -inf elsewhere
+
+
+def scale_paths(router, x, cv, tally):
+    """Step 1 on the canvas: the down and up paths of every level, each computed
+    where its gate is on, their GroupNorms in one pass. Returns what each sends:
+    its rows and their ActiveRows."""
+    paths = (router.down, router.up)
+    gate = None
+    if router.scale_gate is not None:
+        gate, active = router.scale_gate.activate(gate_logits(router.scale_gate, x, cv, cv.scale_valid))
+        tally.gate_conv(router.gate_macs, cv.scale_pixels)
+        sets, counts = index_masks([active[:, 0], active[:, 1]], cv)
+        soft = gate.sum((2, 3))  # (B, 2): Eq. 4, not detached
+    else:
+        sets = cv.scale_sets  # ungated (Tab. 3): every pixel that has the path
+    ys = [conv_at(x, at, path.conv.weight, path.conv.bias, groups=x.shape[1]) for at, path in zip(sets, paths)]
+    gn = paths[0].gn
+    normed = normalise_rows(torch.cat(ys), sets[0].together, gn.num_groups, gn.eps).split([len(at) for at in sets])
+    sent = []
+    for i, (name, path, at) in enumerate(zip(("down", "up"), paths, sets)):
+        y = torch.addcmul(path.gn.bias, normed[i], path.gn.weight).to(x.dtype)
+        if gate is None:
+            tally.add(path, cv.path_pixels[i])
+        else:
+            g = gate[:, i:i + 1]
+            y = y * at.gather(g)
+            tally.add(path, cv.path_pixels[i], soft[:, i], counts[i])
+            for n in (range(len(cv.regions) - 1) if name == "down" else range(1, len(cv.regions))):
+                tally.record(name, n, cv.region(g, n))
+        sent.append((y, at))
+    return sent
+
+
+def aggregate(router, x, sent, cv):
+    """Step 2 on the canvas: a = alpha * (arrivals) + beta * x; `sent`: the rows of
+    the scale-down and scale-up paths, and their ActiveRows."""
+    (down, at_down), (up, at_up) = sent
+    return _Aggregate.apply(cv, x, down, at_down, up, at_up, router.alpha, router.beta)
+
+
+def depth_path(router, a, cv, tally):
+    """Step 3 on the canvas: the gated residual block. Conv1 runs on M1 (M2 dilated
+    by conv2's field), conv2 on M2, each GroupNorm over its own rows; the gate and
+    the residual apply on M2's rows, and elsewhere the output is relu(a)."""
+    path = router.depth
+    gate = None
+    if router.depth_gate is not None:
+        gate, active = router.depth_gate.activate(gate_logits(router.depth_gate, a, cv, cv.depth_valid))
+        tally.gate_conv(router.gate_macs, cv.depth_pixels)
+        pooled = F.max_pool2d(gate, 3, 1, 1) * cv.depth_on  # Eq. 4: the gate over conv1's field
+        M1, M2 = pooled[:, 0] > 0, active[:, 0]  # M1: M2 dilated by conv2's 3x3 field (Fig. 3)
+        (R1, R2), counts = index_masks([M1, M2], cv)
+        tally.add(path, cv.depth_pixels, (gate + pooled).sum((1, 2, 3)), counts.sum(0))
+        for n in range(len(cv.regions)):
+            tally.record("depth", n, cv.region(gate, n))
+    else:
+        R1 = R2 = cv.depth_set
+        tally.add(path, cv.depth_pixels)
+    gn1, gn2 = path.gn1, path.gn2
+    y = conv_at(a, R1, path.conv1.weight)
+    y = F.relu(group_norm_rows(y, R1.segments, gn1.num_groups, gn1.weight, gn1.bias, gn1.eps))
+    y = conv_from_rows(y, R1, R2, path.conv2.weight)
+    y = group_norm_rows(y, R2.segments, gn2.num_groups, gn2.weight, gn2.bias, gn2.eps)
+    a2 = R2.gather(a)
+    y = F.relu(a2 + y if gate is None else torch.addcmul(a2, R2.gather(gate), y))  # Eq. 2, on M2's rows
+    out = _rows(a).clamp_min(0)  # relu(a) where the block is skipped (clamp keeps no output for backward)
+    out.index_copy_(0, R2.index, y)
+    return out.view(cv.B, cv.H, cv.W, -1).permute(0, 3, 1, 2)
+
+
+def run_head(head, features, tally):
+    """The routers of a dynamic head (dynhead.DynamicHead) over a pyramid, on one
+    canvas: the same numbers as the per-level reference, values and gradients."""
+    sizes = tuple(tuple(f.shape[-2:]) for f in features)
+    cv = Canvas.of(sizes, features[0].shape[0], features[0].device)
+    x = _Pack.apply(cv, *features)
+    for step, router in enumerate(head.routers):
+        tally.step = step
+        a = aggregate(router, x, scale_paths(router, x, cv, tally), cv)
+        x = depth_path(router, a, cv, tally)
+    return list(_Unpack.apply(cv, x))

@@ -51,7 +51,9 @@ def get_args(argv=None):
     p.add_argument("--tau", type=float, default=1.5, help="tau of the gate activation, Eq. 3")
     p.add_argument("--activation", choices=("proposed", "restricted_tanh", "softmax"), default="proposed")
     p.add_argument("--coarse", action="store_true", help="one gate per image and path (Tab. 1 coarse-grained)")
-    p.add_argument("--paths", nargs="+", choices=("depth", "scale"), default=["depth", "scale"])
+    p.add_argument("--gated", nargs="*", choices=("depth", "scale"), default=["depth", "scale"],
+                   help="the path types with spatial gates (Tab. 3); the others run everywhere;\n"
+                        "none (--gated alone) is the fixed head")
     p.add_argument("--backbone", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
     p.add_argument("--pretrained-backbone", help="true (torchvision's ImageNet weights), false, or a file")
     p.add_argument("--channels", type=int, help="FPN and head width (paper: 256)")

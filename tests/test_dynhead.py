@@ -123,12 +123,12 @@ def test_gates_start_near_0_99(coarse):
     assert gates.min().item() > 0.95 and gates.max().item() < 1.0
 
 
-@pytest.mark.parametrize("kw", [{}, {"mode": "fixed"}, {"activation": "softmax"}, {"coarse": True},
-                                {"paths": ("depth",)}, {"paths": ("scale",)}])
+@pytest.mark.parametrize("kw", [{}, {"gated": ()}, {"activation": "softmax"}, {"coarse": True},
+                                {"gated": ("depth",)}, {"gated": ("scale",)}])
 def test_gradients_reach_every_parameter(kw):
     h = head(**kw)
     for r in h.routers:  # alpha starts at 0, which would zero the scale paths' gradients
-        if hasattr(r, "alpha"):
+        if r.alpha is not None:
             torch.nn.init.constant_(r.alpha, 0.5)
     out = h(pyramid())
     (sum((o ** 2).mean() for o in out) + h.cost.soft.mean()).backward()
@@ -147,32 +147,104 @@ def test_every_parameter_in_graph_at_init():
 
 # -- costs -----------------------------------------------------------------------
 
-def hand_count(channels, depth, sizes, gates):
-    """MACs per image by hand: DESIGN §5's per-pixel costs summed over the pyramid."""
+def hand_count(channels, depth, sizes, gated):
+    """MACs per image by hand (docs/DESIGN.md §5's per-pixel costs summed over the
+    pyramid): the depth paths, the scale paths, and the gate convs of the gated ones."""
     conv, dw = 9 * channels * channels + channels, 9 * channels + channels
-    total = 0
+    counts = dict(depth=0, scale=0, gates=0)
     for i, (h, w) in enumerate(sizes):
         scale_paths = (i > 0) + (i < len(sizes) - 1)  # up to a finer, down to a coarser level
-        per_pixel = 2 * conv + scale_paths * dw
-        if gates:
-            per_pixel += 9 * channels * (1 + scale_paths)  # depth gate + one gate per scale path
-        total += depth * h * w * per_pixel
-    return total
+        counts["depth"] += depth * h * w * 2 * conv
+        counts["scale"] += depth * h * w * scale_paths * dw
+        # one gate conv channel per gated path: the depth gate, one per scale path
+        counts["gates"] += depth * h * w * 9 * channels * (("depth" in gated) + ("scale" in gated) * scale_paths)
+    return counts
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "fixed"])
-def test_full_cost_by_hand(mode):
-    h = head(depth=3, mode=mode)
+@pytest.mark.parametrize("gated", [("depth", "scale"), ()])
+def test_full_cost_by_hand(gated):
+    h = head(depth=3, gated=gated)
     h(pyramid(batch=3))
-    expected = hand_count(C, 3, SIZES, gates=(mode == "dynamic"))
+    expected = sum(hand_count(C, 3, SIZES, gated).values())
     assert h.cost.full.shape == (3,)
     assert torch.equal(h.cost.full, torch.full((3,), float(expected), dtype=torch.float64))
     assert torch.equal(h.cost.executed, h.cost.full)  # at init every gate is on
 
 
+@pytest.mark.parametrize("gated", [(), ("scale",), ("depth",), ("depth", "scale")])
+def test_tab3_settings_are_the_fixed_head_with_some_paths_gated(gated):
+    # Tab. 3 switches which path types are gated; every router keeps all three paths.
+    # Full MACs: the fixed head's plus the gate convs; with the gates switched off,
+    # executed MACs: the ungated paths' full cost (they run on every pixel) and the gates
+    h = head(depth=2, gated=gated)
+    counts = hand_count(C, 2, SIZES, gated)
+    fixed = counts["depth"] + counts["scale"]
+    h(pyramid())
+    assert h.cost.full.tolist() == [fixed + counts["gates"]] * 2
+    for module in h.modules():
+        if isinstance(module, dynhead.SpatialGate):
+            torch.nn.init.constant_(module.conv.bias, -10.0)  # every gate off
+    for dense in (True, False):  # the reference and sparse.py
+        h.dense = dense
+        h(pyramid())
+        ungated = sum(counts[p] for p in ("depth", "scale") if p not in gated)
+        assert h.cost.executed.tolist() == [ungated + counts["gates"]] * 2
+        assert h.cost.soft.tolist() == ([0.0, 0.0] if gated else [1.0, 1.0])
+        assert set(h.gates[0]) if gated else h.gates is None  # Fig. 4's gates: of the gated paths only
+        if gated:
+            assert set(h.gates[0]) == ({"depth"} if gated == ("depth",) else {"down", "up"} if gated == ("scale",)
+                                       else {"depth", "down", "up"})
+
+
+def test_ungated_scale_paths_run_on_every_pixel():
+    # gated=("depth",) with every depth gate off: each step's output is relu(a), a the
+    # aggregation of scale paths computed densely (plain GroupNorm) on every pixel
+    h = head(depth=1, gated=("depth",))
+    r = h.routers[0]
+    torch.nn.init.constant_(r.depth_gate.conv.bias, -10.0)
+    torch.nn.init.constant_(r.alpha, 0.7)
+    for path in (r.down, r.up):
+        torch.nn.init.normal_(path.conv.bias, std=0.3)
+    feats = [f.double() for f in pyramid()]
+    h.double()
+
+    def sent(path, x):
+        y = F.conv2d(x, path.conv.weight, path.conv.bias, padding=1, groups=C)
+        return F.group_norm(y, path.gn.num_groups, path.gn.weight, path.gn.bias, path.gn.eps)
+
+    L = len(feats)
+    for dense in (True, False):
+        h.dense = dense
+        out = h(feats)
+        for n, x in enumerate(feats):
+            arrivals = 0
+            if n > 0:
+                arrivals = arrivals + dynhead.resize(sent(r.down, feats[n - 1]), x.shape[-2:])
+            if n < L - 1:
+                arrivals = arrivals + dynhead.resize(sent(r.up, feats[n + 1]), x.shape[-2:])
+            assert torch.allclose(out[n], F.relu(r.alpha * arrivals + r.beta * x), atol=1e-10)
+
+
+def test_scale_path_bias_is_trained_and_changes_the_output():
+    # the depthwise convs carry a bias (the authors' model): GroupNorm over 4 channels
+    # per group does not absorb a per-channel bias, so it changes the output
+    h = head(depth=1)
+    torch.nn.init.constant_(h.routers[0].alpha, 0.5)
+    feats = pyramid()
+    before = [o.detach() for o in h(feats)]
+    bias = h.routers[0].down.conv.bias
+    assert bias.shape == (C,) and torch.equal(bias, torch.zeros(C))  # init 0, as the authors
+    with torch.no_grad():
+        bias.copy_(torch.linspace(-1, 1, C))
+    after = h(feats)
+    assert max((a - b).abs().max().item() for a, b in zip(after, before)) > 1e-3
+    sum(o.square().mean() for o in after).backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
+
+
 def test_full_cost_matches_flop_counter():
     channels, sizes = 64, [(32, 40), (16, 20), (8, 10), (4, 5), (2, 3)]
-    h = DynamicHead(channels=channels, depth=2, mode="fixed", gn_groups=16)
+    h = DynamicHead(channels=channels, depth=2, gated=(), gn_groups=16)
     feats = pyramid(batch=1, channels=channels, sizes=sizes)
     with FlopCounterMode(display=False) as counter:
         h(feats)
@@ -181,52 +253,72 @@ def test_full_cost_matches_flop_counter():
     assert h.cost.full.item() == pytest.approx(macs, rel=0.02)
 
 
-def corner_gate(value):
-    """A stand-in gate: `value` at pixel (0, 0) of every level, 0 elsewhere."""
-    def forward(x, paths=None, kernels=None):
-        gate = torch.zeros(x.shape[0], 1, *x.shape[-2:])
-        gate[:, :, 0, 0] = value
-        return gate, gate > 0
-    return forward
-
-
 def test_executed_and_soft_cost_by_hand():
-    h = head(depth=1, paths=("depth",))
-    h.routers[0].depth_gate.forward = corner_gate(0.5)
+    # the depth gate's logit is channel 0 at the centre tap, less 0.5; channel 0 is 1
+    # at one pixel of each level and 0 elsewhere: the gate is on there alone. The
+    # scale paths are ungated (they run everywhere, silent at alpha = 0)
+    h = head(depth=1, gated=("depth",))
+    conv = h.routers[0].depth_gate.conv
+    torch.nn.init.zeros_(conv.weight)
+    torch.nn.init.constant_(conv.bias, -0.5)
+    with torch.no_grad():
+        conv.weight[0, 0, 1, 1] = 1.0
     feats = pyramid()
-    out = h(feats)
-    unit = 9 * C * C + C
+    corners = [(min(1, hh - 1), min(1, ww - 1)) for hh, ww in SIZES]
+    for f, (y, x) in zip(feats, corners):
+        f[:, 0] = 0
+        f[:, 0, y, x] = 1.0
+    g = gate_activation(torch.tensor(0.5, dtype=torch.float64), 1.5).item()
+    unit, dw = 9 * C * C + C, 9 * C + C
     # conv2 runs at the one pixel, conv1 on its 3x3 neighbourhood clipped at the border
-    conv1_pixels = [min(2, hh) * min(2, ww) for hh, ww in SIZES]
-    executed = sum(9 * C * hh * ww for hh, ww in SIZES) + sum((1 + n) * unit for n in conv1_pixels)
-    soft = sum(0.5 * (1 + n) * unit for n in conv1_pixels) / sum(2 * hh * ww * unit for hh, ww in SIZES)
-    assert h.cost.executed.tolist() == [executed, executed]
-    assert h.cost.soft[0].item() == pytest.approx(soft, rel=1e-6)
-    # where the depth gate is 0 the block is skipped: the output is relu(input)
-    for f, o in zip(feats, out):
-        assert torch.equal(o[:, :, 1:], F.relu(f[:, :, 1:]))
+    field = [sum(1 for dy in (-1, 0, 1) for dx in (-1, 0, 1) if 0 <= y + dy < hh and 0 <= x + dx < ww)
+             for (hh, ww), (y, x) in zip(SIZES, corners)]
+    gates = sum(9 * C * hh * ww for hh, ww in SIZES)
+    scale = sum(((i > 0) + (i < len(SIZES) - 1)) * hh * ww * dw for i, (hh, ww) in enumerate(SIZES))
+    executed = gates + scale + sum((1 + n) * unit for n in field)
+    soft = sum(g * (1 + n) * unit for n in field) / sum(2 * hh * ww * unit for hh, ww in SIZES)
+    for dense in (True, False):  # the reference and sparse.py
+        h.dense = dense
+        out = h(feats)
+        assert h.cost.executed.tolist() == [executed, executed]
+        assert h.cost.soft[0].item() == pytest.approx(soft, rel=1e-6)
+        # where the depth gate is 0 the block is skipped: the output is relu(input) (alpha = 0)
+        for f, o, (y, x) in zip(feats, out, corners):
+            skipped = torch.ones(f.shape[-2:], dtype=torch.bool)
+            skipped[y, x] = False
+            assert torch.equal(o[:, :, skipped], F.relu(f[:, :, skipped]))
+            assert not torch.equal(o[:, :, y, x], F.relu(f[:, :, y, x]))
 
 
 # -- modes, ablations, budget ----------------------------------------------------------
 
-@pytest.mark.parametrize("paths", [("depth", "scale"), ("depth",), ("scale",)])
-def test_fixed_equals_dynamic_with_gates_at_one(paths):
-    dyn, fixed = head(paths=paths), head(paths=paths, mode="fixed")
-    fixed.load_state_dict(dyn.state_dict(), strict=False)  # fixed has no gate convs
-    for r, rf in zip(dyn.routers, fixed.routers):
-        for gate in (getattr(r, "depth_gate", None), getattr(r, "scale_gate", None)):
-            if gate is not None:  # tanh(20 - tau) is 1.0 in float32: every gate exactly 1
+@pytest.mark.parametrize("gated", [("depth", "scale"), ("depth",), ("scale",)])
+def test_fixed_equals_dynamic_with_gates_at_one_and_alpha_one(gated):
+    # the fixed head sums the arrivals with weight 1 (the authors' fixed head): the
+    # dynamic head with every gate exactly 1 and alpha = 1 is the same network
+    dyn, fixed = head(gated=gated), head(gated=())
+    for r in fixed.routers:
+        assert r.alpha is None and r.depth_gate is None and r.scale_gate is None
+        torch.nn.init.constant_(r.beta, 0.8)
+    state = {k: v for k, v in fixed.state_dict().items()}
+    dyn.load_state_dict(state, strict=False)  # the fixed head has no gate convs and no alpha
+    for r in dyn.routers:
+        for gate in (r.depth_gate, r.scale_gate):
+            if gate is not None:  # 1 - e^-40 is 1.0 even in float64: every gate exactly 1
                 torch.nn.init.zeros_(gate.conv.weight)
                 torch.nn.init.constant_(gate.conv.bias, 20.0)
-        if hasattr(r, "alpha"):
-            for router in (r, rf):  # alpha != 0 so that the scale paths count
-                torch.nn.init.constant_(router.alpha, 0.7)
+        torch.nn.init.constant_(r.alpha, 1.0)
+        for path in (r.down, r.up):
+            torch.nn.init.normal_(path.conv.bias, std=0.3)
+    fixed.load_state_dict({k: v for k, v in dyn.state_dict().items() if k in state})
     dyn, fixed = dyn.double(), fixed.double()  # float64: no rounding to hide a difference
     feats = [f.double() for f in pyramid()]
-    for a, b in zip(dyn(feats), fixed(feats)):
-        assert torch.allclose(a, b, rtol=0, atol=1e-10)
-    gate_macs = dyn.cost.full - fixed.cost.full
-    assert torch.all(gate_macs > 0) and torch.equal(fixed.cost.executed, fixed.cost.full)
+    for dense in (True, False):  # the reference and sparse.py
+        dyn.dense = dense
+        for a, b in zip(dyn(feats), fixed(feats)):
+            assert torch.allclose(a, b, rtol=0, atol=1e-10)
+        gate_macs = dyn.cost.full - fixed.cost.full
+        assert torch.all(gate_macs > 0) and torch.equal(fixed.cost.executed, fixed.cost.full)
 
 
 def test_budget_alone_switches_gates_off():
@@ -299,12 +391,11 @@ def test_masked_conv_zeroes_outside_mask():
 # -- errors ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw,match", [
-    ({"mode": "static"}, "unknown mode"),
     ({"activation": "sigmoid"}, "unknown activation"),
-    ({"paths": ("depth", "diagonal")}, "unknown paths"),
-    ({"paths": ()}, "unknown paths"),
+    ({"gated": ("depth", "diagonal")}, "unknown gated paths"),
+    ({"gated": "depth"}, "unknown gated paths"),
     ({"channels": 30, "gn_groups": 4}, "divisible by gn_groups"),
-    ({"num_levels": 1}, "need num_levels >= 2"),
+    ({"num_levels": 1}, r"num_levels >= 2 \(scale paths go between levels\)"),
     ({"tau": 40.0}, r"tau must lie in \[0, 10\]"),
 ])
 def test_bad_arguments(kw, match):

@@ -1,26 +1,33 @@
 """sparse.py against the dense computation: F.conv2d times the mask, a masked
-GroupNorm computed per image, and the head's dense reference kernels."""
+GroupNorm computed per image, the per-level reference head of dynhead.py, and the
+number of ops a forward dispatches against the plain fixed tower's."""
+import collections
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynhead
 import sparse
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SIZES = [(24, 20), (12, 10), (6, 5), (3, 3), (2, 2)]
 
 
-@pytest.fixture(params=["taps", "im2col"])
-def gather_form(request, monkeypatch):
-    """Both forms of the gather kernel on every device (sparse.GATHER picks one per
-    device type; each must equal the dense conv)."""
-    monkeypatch.setattr(sparse, "GATHER", {k: request.param for k in ("cpu", "cuda")})
+@pytest.fixture(params=["gather", "dense"])
+def dispatch(request, monkeypatch):
+    """Every conv gathered, however dense; or every conv dense (as on a GPU): both
+    must give the dense computation's numbers."""
+    monkeypatch.setattr(sparse, "DENSE_ABOVE", {k: 1.0 if request.param == "gather" else 0.0
+                                                for k in sparse.DENSE_ABOVE})
+    monkeypatch.setattr(sparse, "MIN_PIXELS", 0)
     return request.param
 
 
 @pytest.fixture
 def always_sparse(monkeypatch):
-    """Turn the dispatch rule off: every masked conv gathers, however dense."""
     monkeypatch.setattr(sparse, "DENSE_ABOVE", {k: 1.0 for k in sparse.DENSE_ABOVE})
     monkeypatch.setattr(sparse, "MIN_PIXELS", 0)
 
@@ -42,6 +49,8 @@ def assert_close(a, b, rtol):
     assert (a - b).abs().max() <= rtol * scale, ((a - b).abs().max().item(), scale.item())
 
 
+# -- one masked conv ------------------------------------------------------------------
+
 CASES = [  # (B, C_in, C_out, H, W, groups)
     (3, 8, 5, 7, 9, 1),
     (3, 16, 16, 12, 5, 1),
@@ -53,7 +62,7 @@ CASES = [  # (B, C_in, C_out, H, W, groups)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("device", DEVICES)
-def test_masked_conv_equals_dense_times_mask(always_sparse, gather_form, case, density, device):
+def test_masked_conv_equals_dense_times_mask(always_sparse, case, density, device):
     B, Ci, Co, H, W, groups = case
     g = torch.Generator().manual_seed(sum(case))
     x = torch.randn(B, Ci, H, W, generator=g).to(device).requires_grad_()
@@ -68,23 +77,8 @@ def test_masked_conv_equals_dense_times_mask(always_sparse, gather_form, case, d
         assert_close(got, want, 1e-5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_prepare_masks_indexes_each_mask_as_alone(device):
-    # one nonzero over all the masks, split: the same index as each mask's own nonzero
-    masks = [random_masks((2, 5, 7), 0.4, 0), None, torch.zeros(3, 4, 4, dtype=torch.bool),
-             random_masks((1, 9, 3), 0.7, 1), torch.ones(2, 2, 6, dtype=torch.bool)]
-    masks = [None if m is None else m.to(device) for m in masks]
-    for got, mask in zip(sparse.prepare_masks(masks), masks):
-        if mask is None:
-            assert got is None
-        else:
-            assert got.mask is mask
-            assert torch.equal(got.index, mask.reshape(-1).nonzero().squeeze(1))
-    assert [a.index.tolist() for a in sparse.prepare_masks([masks[2], masks[2]])] == [[], []]
-
-
 @pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
-def test_masked_conv_input_layouts(always_sparse, gather_form, layout):
+def test_masked_conv_input_layouts(always_sparse, layout):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(2, 16, 10, 12, generator=g)
     x = base.contiguous(memory_format=torch.channels_last) if layout == "channels_last" \
@@ -100,8 +94,9 @@ def test_dispatch_gives_the_same_numbers():
     x, w = torch.randn(2, 16, 20, 20, generator=g), torch.randn(16, 16, 3, 3, generator=g)
     for density in (0.05, 0.95):
         mask = random_masks((2, 20, 20), density, 2)
-        assert sparse.use_dense(sparse.ActiveSet(mask), "conv", x) == (density > sparse.DENSE_ABOVE[("cpu", "conv")])
-        assert_close(sparse.masked_conv2d(x, mask, w), F.conv2d(x, w, padding=1) * mask[:, None], 1e-5)
+        active = sparse.ActiveSet(mask)
+        assert sparse.use_dense(active.density, "conv", x.device) == (density > sparse.DENSE_ABOVE[("cpu", "conv")])
+        assert_close(sparse.masked_conv2d(x, active, w), F.conv2d(x, w, padding=1) * mask[:, None], 1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -116,19 +111,18 @@ def test_mask_is_not_indexed_where_dense_always_wins(monkeypatch, device):
     active = sparse.ActiveSet(mask)
     assert_close(sparse.masked_conv2d(x, active, w), F.conv2d(x, w, padding=1) * mask[:, None], 1e-5)
     assert not active.indexed
-    empty = sparse.ActiveSet(torch.zeros_like(mask), index=torch.zeros(0, dtype=torch.long, device=device))
-    assert not sparse.use_dense(empty, "conv", x)
+    empty = sparse.ActiveSet(torch.zeros_like(mask))
+    assert len(empty.index) == 0 and empty.indexed
+    assert not sparse.use_dense(empty.density, "conv", x.device)
     assert sparse.masked_conv2d(x, empty, w).abs().max() == 0
-    prepared = sparse.prepare_masks([mask, mask])[0]
-    assert prepared.indexed and sparse.use_dense(prepared, "conv", x)  # indexed, and dense enough
 
 
 @pytest.mark.parametrize("groups", [1, 8])
-def test_chunked_gather_equals_dense(always_sparse, gather_form, monkeypatch, groups):
-    # chunks of at most 7 pixels (fewer where a pass needs more memory per pixel than
-    # this estimate), most with border taps: values and gradients as the dense conv
-    pixel_bytes = 9 * 8 * 4 + 8 * 4 if gather_form == "im2col" else 3 * 8 * 4  # as _MaskedConv.forward, dense
-    monkeypatch.setattr(sparse, "CHUNK_BYTES", {**sparse.CHUNK_BYTES, "cpu": pixel_bytes * 7})
+def test_chunked_gather_equals_dense(always_sparse, monkeypatch, groups):
+    # chunks of 7 pixels (13 in a dense conv's forward, which needs less memory per
+    # pixel), many with border taps: values and gradients as the dense conv, every
+    # pixel in exactly one chunk of every pass (forward, backward)
+    monkeypatch.setattr(sparse, "CHUNK_BYTES", {**sparse.CHUNK_BYTES, "cpu": 7 * (2 * 9 * 8 * 4 + 8 * 4)})
     monkeypatch.setattr(sparse, "MIN_CHUNK_BYTES", 0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 15, 15, generator=g).requires_grad_()
@@ -138,7 +132,7 @@ def test_chunked_gather_equals_dense(always_sparse, gather_form, monkeypatch, gr
     active = sparse.ActiveSet(mask)
     passes, chunks = [], sparse._chunks
 
-    def recording(*args):  # the chunk sizes of each pass (forward, backward) as they run
+    def recording(*args):  # the chunk sizes of each pass as they run
         passes.append([stop - start for start, stop, _, _ in chunks(*args)])
         return chunks(*args)
 
@@ -148,120 +142,14 @@ def test_chunked_gather_equals_dense(always_sparse, gather_form, monkeypatch, gr
     assert_close(y, ref, 1e-5)
     for got, want in zip(grads(y, (x, w, b)), grads(ref, (x, w, b))):
         assert_close(got, want, 1e-5)
-    (forward, *backward) = passes
-    assert max(forward) <= 7 and len(forward) >= -(-len(active) // 7)
-    assert backward and all(len(sizes) > 1 for sizes in backward)
+    forward, *backward = passes
+    assert max(forward) <= (13 if groups == 1 else 7) and len(forward) > 1
+    assert backward and all(max(sizes) <= 7 and len(sizes) > 1 for sizes in backward)
     assert all(sum(sizes) == len(active) for sizes in passes)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_masked_group_norm_equals_dense_reference(device):
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 16, 7, 9, generator=g).to(device).requires_grad_()
-    w = torch.randn(16, generator=g).to(device).requires_grad_()
-    b = torch.randn(16, generator=g).to(device).requires_grad_()
-    mask = random_masks((3, 7, 9), 0.4, 6).to(device)
-    mask[1] = False  # an image with nothing active
-    y = sparse.masked_group_norm(x, mask, 4, w, b)
-    ref = dynhead.masked_group_norm(x, mask, 4, w, b)
-    assert_close(y, ref, 1e-5)
-    for got, want in zip(grads(y, (x, w, b)), grads(ref, (x, w, b))):
-        assert_close(got, want, 1e-5)
-    # and, all active, torch's own GroupNorm
-    full = torch.ones_like(mask)
-    assert_close(sparse.masked_group_norm(x, full, 4, w, b), F.group_norm(x, 4, w, b), 1e-5)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_masked_group_norms_of_several_maps_equal_one_call_each(device):
-    # three maps of different sizes (pyramid levels) sharing one GroupNorm, in one
-    # pass: values and gradients as the dense reference run map by map
-    g = torch.Generator().manual_seed(7)
-    sizes = [(9, 11), (5, 6), (3, 3)]
-    xs = [torch.randn(2, 16, h, w, generator=g).to(device).requires_grad_() for h, w in sizes]
-    w = torch.randn(16, generator=g).to(device).requires_grad_()
-    b = torch.randn(16, generator=g).to(device).requires_grad_()
-    masks = [random_masks((2, h, w), 0.5, i).to(device) for i, (h, w) in enumerate(sizes)]
-    masks[1][0] = False  # one image of one map with nothing active
-    masks[2][1] = True   # one with everything
-    got = sparse.masked_group_norms(xs, masks, 4, w, b)
-    want = [dynhead.masked_group_norm(x, m, 4, w, b) for x, m in zip(xs, masks)]
-    for y, ref in zip(got, want):
-        assert_close(y, ref, 1e-5)
-    dys = [torch.randn(y.shape, generator=g).to(device) for y in want]
-    grads_got = torch.autograd.grad(got, xs + [w, b], dys)
-    grads_want = torch.autograd.grad(want, xs + [w, b], dys)
-    for a, r in zip(grads_got, grads_want):
-        assert_close(a, r, 1e-5)
-    with pytest.raises(ValueError, match="must all be"):
-        sparse.masked_group_norms([xs[0], xs[1][:1]], [masks[0], masks[1][:1]], 4, w, b)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_paths_switched_off_everywhere_still_get_gradients(device):
-    """DDP requires every parameter to receive a gradient at every step, even a
-    path whose gate is 0 at every pixel of the batch: a zero gradient, not none."""
-    head = dynhead.DynamicHead(channels=16, depth=2, gn_groups=4).to(device)
-    for module in head.modules():
-        if isinstance(module, dynhead.SpatialGate):
-            torch.nn.init.constant_(module.conv.bias, -10.0)  # every gate off
-    feats = [torch.randn(2, 16, s, s, device=device) for s in (16, 8, 4, 2, 1)]
-    for dense in (True, False):
-        head.dense = dense
-        head.zero_grad(set_to_none=True)
-        sum(o.sum() for o in head(feats)).backward()
-        assert (head.cost.soft == 0).all()  # every path off: only the gate convs ran
-        missing = [n for n, p in head.named_parameters() if p.grad is None]
-        assert not missing, (dense, missing)
-
-
-def partly_off_head(device, **kw):
-    """A head whose gates are off at about half the pixels, in blobs and speckles."""
-    torch.manual_seed(0)
-    head = dynhead.DynamicHead(channels=16, depth=2, gn_groups=4, **kw).to(device)
-    for module in head.modules():
-        if isinstance(module, dynhead.SpatialGate):
-            torch.nn.init.normal_(module.conv.weight, std=0.2)
-            torch.nn.init.constant_(module.conv.bias, 0.1)
-        if isinstance(module, dynhead.Router) and module.down is not None:
-            torch.nn.init.constant_(module.alpha, 0.5)
-    return head
-
-
-@pytest.mark.parametrize("kw", [{}, {"paths": ("depth",)}, {"coarse": True}])
-@pytest.mark.parametrize("device", DEVICES)
-def test_head_sparse_equals_dense(always_sparse, gather_form, kw, device):
-    head = partly_off_head(device, **kw)
-    g = torch.Generator().manual_seed(1)
-    feats = [torch.randn(2, 16, h, w, generator=g).to(device) for h, w in [(24, 20), (12, 10), (6, 5), (3, 3), (2, 2)]]
-    results = []
-    for dense in (True, False):
-        head.dense = dense
-        head.zero_grad()
-        out = head(feats)
-        loss = sum((o * torch.linspace(0, 1, o.shape[-1], device=device)).pow(2).mean() for o in out)
-        (loss + head.cost.soft.mean()).backward()
-        results.append(([o.detach() for o in out], {n: p.grad.clone() for n, p in head.named_parameters()},
-                        head.cost))
-    (out_d, grad_d, cost_d), (out_s, grad_s, cost_s) = results
-    executed = (cost_s.executed / cost_s.full).mean().item()
-    assert 0.2 < executed < 0.9  # the gates really are partly off
-    for a, b in zip(out_s, out_d):
-        assert_close(a, b, 1e-4)
-    for name in grad_d:
-        assert_close(grad_s[name], grad_d[name], 1e-4)
-    assert torch.equal(cost_s.executed, cost_d.executed)
-
-
-def test_head_uses_sparse_kernels_unless_dense():
-    head = dynhead.DynamicHead(channels=16, depth=1, gn_groups=4)
-    assert head.kernels() is sparse
-    head.dense = True
-    assert head.kernels() is dynhead.DenseKernels
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_bf16_within_bf16_tolerance(always_sparse, gather_form, device):
+def test_bf16_within_bf16_tolerance(always_sparse, device):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 32, 12, 12, generator=g), torch.randn(32, 32, 3, 3, generator=g) * 0.1
     mask = random_masks((2, 12, 12), 0.3, 0)
@@ -279,17 +167,20 @@ def test_bf16_within_bf16_tolerance(always_sparse, gather_form, device):
     assert_close(gw.float().cpu(), rw, 2e-2)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 5, 5, dtype=torch.bool), w), r"mask must be \(B, H, W\)"),
-    (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 6, 6), w), "bool"),
-    (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 6, 6, dtype=torch.bool), torch.randn(8, 8, 5, 5)), "3, 3"),
-    (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 6, 6, dtype=torch.bool), torch.randn(8, 4, 3, 3)), "does not fit 8 input"),
-    (lambda x, w: sparse.masked_group_norm(x, torch.ones(1, 6, 6, dtype=torch.bool), 2, None, None), r"mask must be \(B, H, W\)"),
-])
-def test_bad_input(call, match):
-    x, w = torch.randn(2, 8, 6, 6), torch.randn(8, 8, 3, 3)
-    with pytest.raises(ValueError, match=match):
-        call(x, w)
+def test_autocast_bf16_matches_dense_autocast(always_sparse):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 12, 12, generator=g, requires_grad=True)
+    w = (torch.randn(32, 32, 3, 3, generator=g) * 0.1).requires_grad_()
+    mask = random_masks((2, 12, 12), 0.3, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparse.masked_conv2d(x, mask, w)
+        ref = F.conv2d(x, w, padding=1) * mask[:, None]
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert_close(y.float(), ref.float(), 2e-2)
+    (gx, gw), (rx, rw) = grads(y.float(), (x, w)), grads(ref.float(), (x, w))
+    assert gw.dtype == torch.float32  # the fp32 master weight gets its gradient
+    assert_close(gx, rx, 2e-2)
+    assert_close(gw, rw, 2e-2)
 
 
 def test_one_input_channel_is_a_dense_conv(always_sparse):
@@ -312,17 +203,232 @@ def test_gate_conv_equals_conv2d(paths):
         assert_close(got, want, 1e-12)
 
 
-def test_autocast_bf16_matches_dense_autocast(always_sparse, gather_form):
+@pytest.mark.parametrize("call,match", [
+    (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 5, 5, dtype=torch.bool), w), r"mask must be \(B, H, W\)"),
+    (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 6, 6), w), "bool"),
+    (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 6, 6, dtype=torch.bool), torch.randn(8, 8, 5, 5)), "3, 3"),
+    (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 6, 6, dtype=torch.bool), torch.randn(8, 4, 3, 3)), "does not fit 8 input"),
+    (lambda x, w: sparse.masked_group_norm(x, torch.ones(1, 6, 6, dtype=torch.bool), 2, None, None), r"mask must be \(B, H, W\)"),
+])
+def test_bad_input(call, match):
+    x, w = torch.randn(2, 8, 6, 6), torch.randn(8, 8, 3, 3)
+    with pytest.raises(ValueError, match=match):
+        call(x, w)
+
+
+# -- GroupNorm over active pixels -------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_group_norm_equals_dense_reference(device):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 16, 7, 9, generator=g).to(device).requires_grad_()
+    w = torch.randn(16, generator=g).to(device).requires_grad_()
+    b = torch.randn(16, generator=g).to(device).requires_grad_()
+    mask = random_masks((3, 7, 9), 0.4, 6).to(device)
+    mask[1] = False  # an image with nothing active
+    y = sparse.masked_group_norm(x, mask, 4, w, b)
+    ref = dynhead.masked_group_norm(x, mask, 4, w, b)
+    assert_close(y, ref, 1e-5)
+    for got, want in zip(grads(y, (x, w, b)), grads(ref, (x, w, b))):
+        assert_close(got, want, 1e-5)
+    # and, all active, torch's own GroupNorm
+    full = torch.ones_like(mask)
+    assert_close(sparse.masked_group_norm(x, full, 4, w, b), F.group_norm(x, 4, w, b), 1e-5)
+
+
+def test_group_norm_rows_keeps_its_digits_far_from_zero():
+    # E[x^2] - E[x]^2 in fp32 would lose the variance of values 1000 std from 0: in two
+    # passes, fp32 rows still normalise as in fp64
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 32, 12, 12, generator=g, requires_grad=True)
-    w = (torch.randn(32, 32, 3, 3, generator=g) * 0.1).requires_grad_()
-    mask = random_masks((2, 12, 12), 0.3, 0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = sparse.masked_conv2d(x, mask, w)
-        ref = F.conv2d(x, w, padding=1) * mask[:, None]
-    assert y.dtype == ref.dtype == torch.bfloat16
-    assert_close(y.float(), ref.float(), 2e-2)
-    (gx, gw), (rx, rw) = grads(y.float(), (x, w)), grads(ref.float(), (x, w))
-    assert gw.dtype == torch.float32  # the fp32 master weight gets its gradient
-    assert_close(gx, rx, 2e-2)
-    assert_close(gw, rw, 2e-2)
+    rows = (torch.randn(500, 16, generator=g) + 1000).requires_grad_()
+    segments = sparse.Segments(torch.randint(0, 3, (500,), generator=g), 3)
+    w, b = torch.ones(16), torch.zeros(16)
+    y = sparse.group_norm_rows(rows, segments, 4, w, b)
+    r64 = rows.detach().double().view(500, 4, 4)
+    ref = torch.empty_like(r64)
+    for s in range(3):
+        part = r64[segments.index == s]  # (n, G, C/G)
+        mean = part.mean((0, 2), keepdim=True)
+        var = part.var((0, 2), unbiased=False, keepdim=True)
+        ref[segments.index == s] = (part - mean) / torch.sqrt(var + 1e-5)
+    assert (y.double() - ref.view(500, 16)).abs().max() < 1e-3
+    # the hand-written backward against autograd through the fp64 formula
+    dy = torch.randn(500, 16, generator=g)
+    rows64 = rows.detach().double().requires_grad_()
+    want = torch.empty(500, 4, 4, dtype=torch.float64)
+    for s in range(3):
+        part = rows64.view(500, 4, 4)[segments.index == s]
+        want[segments.index == s] = (part - part.mean((0, 2), keepdim=True)) / torch.sqrt(
+            part.var((0, 2), unbiased=False, keepdim=True) + 1e-5)
+    assert_close(torch.autograd.grad(y, rows, dy)[0].double(),
+                 torch.autograd.grad(want.view(500, 16), rows64, dy.double())[0], 1e-3)
+
+
+# -- the canvas ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes", [SIZES, [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)], [(5, 40), (3, 20)]])
+def test_canvas_frames_every_level_with_zeros(sizes):
+    # every level pixel's 3x3 neighbours lie in its own level or on the zero frame, so
+    # a conv of the canvas is each level's conv with its own zero padding
+    cv = sparse.Canvas(sizes, 2, torch.device("cpu"))
+    level = cv.level
+    for n, (y, x, h, w) in enumerate(cv.regions):
+        assert (level[y:y + h, x:x + w] == n).all()
+        ring = level[y - 1:y + h + 1, x - 1:x + w + 1].clone()
+        ring[1:-1, 1:-1] = -1
+        assert (ring == -1).all()
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 4, h, w, generator=g, requires_grad=True) for h, w in sizes]
+    weight = torch.randn(3, 4, 3, 3, generator=g)
+    canvas = sparse._Pack.apply(cv, *feats)
+    outs = sparse._Unpack.apply(cv, F.conv2d(canvas, weight, padding=1))
+    for f, out in zip(feats, outs):
+        assert_close(out, F.conv2d(f, weight, padding=1), 1e-6)
+    # and the gradients come back to their levels
+    got = torch.autograd.grad(sum((o ** 2).sum() for o in outs), feats)
+    want = torch.autograd.grad(sum((F.conv2d(f, weight, padding=1) ** 2).sum() for f in feats), feats)
+    for a, b in zip(got, want):
+        assert_close(a, b, 1e-6)
+
+
+def test_canvas_neighbours_are_fixed_offsets():
+    cv = sparse.Canvas(SIZES, 1, torch.device("cpu"))
+    y, x, h, w = cv.regions[2]
+    index = torch.tensor([(y + 1) * cv.W + x + 2])
+    taps = sparse.ActiveRows(index, cv, None, None).neighbours().taps[:, 0]
+    expected = [(y + 1 + dy) * cv.W + x + 2 + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    assert taps.tolist() == expected
+
+
+# -- the head: packed and sparse, against the per-level reference ----------------------------
+
+def partly_off_head(device, **kw):
+    """A head whose gates are off at about half the pixels, in blobs and speckles,
+    its scale paths audible (alpha 0.5) and their biases non-zero."""
+    torch.manual_seed(0)
+    head = dynhead.DynamicHead(channels=16, depth=2, gn_groups=4, **kw).to(device)
+    for module in head.modules():
+        if isinstance(module, dynhead.SpatialGate):
+            torch.nn.init.normal_(module.conv.weight, std=0.2)
+            torch.nn.init.constant_(module.conv.bias, 0.1)
+        if isinstance(module, dynhead.Router) and module.alpha is not None:
+            torch.nn.init.constant_(module.alpha, 0.5)
+        if isinstance(module, dynhead.ScalePath):
+            torch.nn.init.normal_(module.conv.bias, std=0.5)
+    return head
+
+
+@pytest.mark.parametrize("kw", [{}, {"gated": ("depth",)}, {"gated": ("scale",)}, {"coarse": True},
+                                {"activation": "softmax"}])
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_sparse_equals_dense(dispatch, kw, device):
+    head = partly_off_head(device, **kw)
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(2, 16, h, w, generator=g).to(device).requires_grad_() for h, w in SIZES]
+    results = []
+    for dense in (True, False):
+        head.dense = dense
+        out = head(feats)
+        loss = sum((o * torch.linspace(0, 1, o.shape[-1], device=device)).pow(2).mean() for o in out)
+        grad = torch.autograd.grad(loss + head.cost.soft.mean(), list(head.parameters()) + feats)
+        results.append(([o.detach() for o in out], grad, head.cost, head.gates))
+    (out_d, grad_d, cost_d, gates_d), (out_s, grad_s, cost_s, gates_s) = results
+    executed = (cost_s.executed / cost_s.full).mean().item()
+    if kw.get("activation") != "softmax":  # the gates really are partly off (ungated depth paths: most MACs)
+        assert 0.2 < executed < 0.9 if not kw else executed < 0.99
+    for a, b in zip(out_s, out_d):
+        assert_close(a, b, 1e-4)
+    for a, b in zip(grad_s, grad_d):
+        assert_close(a, b, 1e-4)
+    assert torch.equal(cost_s.executed, cost_d.executed) and torch.equal(cost_s.full, cost_d.full)
+    assert torch.allclose(cost_s.soft, cost_d.soft, rtol=1e-5)
+    for step_s, step_d in zip(gates_s, gates_d):  # Fig. 4's gates, level by level
+        assert step_s.keys() == step_d.keys()
+        for name in step_d:
+            for a, b in zip(step_s[name], step_d[name]):
+                assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paths_switched_off_everywhere_still_get_gradients(device):
+    """DDP requires every parameter to receive a gradient at every step, even a
+    path whose gate is 0 at every pixel of the batch: a zero gradient, not none."""
+    head = dynhead.DynamicHead(channels=16, depth=2, gn_groups=4).to(device)
+    for module in head.modules():
+        if isinstance(module, dynhead.SpatialGate):
+            torch.nn.init.constant_(module.conv.bias, -10.0)  # every gate off
+    feats = [torch.randn(2, 16, s, s, device=device) for s in (16, 8, 4, 2, 1)]
+    for dense in (True, False):
+        head.dense = dense
+        head.zero_grad(set_to_none=True)
+        sum(o.sum() for o in head(feats)).backward()
+        assert (head.cost.soft == 0).all()  # every path off: only the gate convs ran
+        missing = [n for n, p in head.named_parameters() if p.grad is None]
+        assert not missing, (dense, missing)
+
+
+def test_head_runs_sparse_unless_dense(monkeypatch):
+    calls, run_head = [], sparse.run_head
+    monkeypatch.setattr(sparse, "run_head", lambda *a: calls.append(1) or run_head(*a))
+    head = dynhead.DynamicHead(channels=16, depth=1, gn_groups=4)
+    feats = [torch.randn(1, 16, s, s) for s in (8, 4, 2, 1, 1)]
+    head(feats)
+    assert calls == [1]
+    head.dense = True
+    head(feats)
+    dynhead.DynamicHead(channels=16, depth=1, gn_groups=4, gated=())(feats)  # the fixed head: the plain tower
+    assert calls == [1]
+
+
+# -- launches: the ops a forward dispatches, as a GPU runs it ------------------------------
+
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops dispatched (views excluded): on a GPU each is a kernel
+    launch, and the head is launch-bound."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def cuda_dispatch_rule(monkeypatch):
+    """The CPU running what a GPU runs: every conv dense, the gate convs too."""
+    monkeypatch.setattr(sparse, "DENSE_ABOVE", {k: 0.0 for k in sparse.DENSE_ABOVE})
+    monkeypatch.setattr(sparse, "gate_conv2d", lambda x, w, b: F.conv2d(x, w, b, padding=1))
+    yield
+
+
+def count_ops(gated, train):
+    """Ops of both D8 towers of FCOS, batch 2, 64 channels, ~40% of the MACs executed:
+    a second forward (the first builds the canvas tables)."""
+    torch.manual_seed(0)
+    towers = [dynhead.DynamicHead(64, depth=8, gated=gated, gn_groups=32) for _ in range(2)]
+    for tower in towers:
+        for module in tower.modules():
+            if isinstance(module, dynhead.SpatialGate):
+                torch.nn.init.normal_(module.conv.weight, std=0.05)
+                torch.nn.init.constant_(module.conv.bias, -0.5)
+    feats = [torch.randn(2, 64, h, w) for h, w in [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)]]
+    for _ in range(2):
+        counter = OpCount()
+        with torch.set_grad_enabled(train), counter:
+            outs = [tower(feats) for tower in towers]
+            if train:
+                (sum(o.mean() for out in outs for o in out) + sum(t.cost.soft.mean() for t in towers)).backward()
+    executed = sum(t.cost.executed.sum() for t in towers) / sum(t.cost.full.sum() for t in towers)
+    return sum(counter.ops.values()), executed.item()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_dynamic_head_dispatches_at_most_twice_the_fixed_towers_ops(monkeypatch, train):
+    with cuda_dispatch_rule(monkeypatch):
+        fixed, _ = count_ops((), train)
+        dynamic, executed = count_ops(("depth", "scale"), train)
+    assert 0.25 < executed < 0.75
+    assert dynamic <= 2 * fixed, (dynamic, fixed)
