@@ -23,6 +23,11 @@ Columns: times, speedup of sparse over fixed, the ideal speedup (the fixed
 tower's MACs over the executed MACs), their ratio, peak memory. Inference forward,
 and a training step (forward + backward).
 
+Part (c), `ops`: the aten ops that one inference forward and one training step
+of both D8 towers dispatch (views excluded), counted on the CPU with the GPU's
+dispatch rule in force (every conv dense): on a GPU each op is a kernel launch,
+and the head is launch-bound there. The fixed towers against the dynamic ones.
+
 Times are medians of --repeats runs, the contenders interleaved in one process.
 Peak memory, in a second pass: of the tensors allocated, from CUDA's allocator
 statistics, or on the CPU from the profiler's record of allocations and frees.
@@ -35,8 +40,11 @@ import statistics
 import sys
 import time
 
+import collections
+
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynhead
 import sparse
@@ -300,6 +308,68 @@ def print_head(cases, device, dtype, batch):
               f"{mb(m['fixed']):>8} {mb(m['sparse']):>9}")
 
 
+# -----------------------------------------------------------------------------
+# (c) ops dispatched per forward, as a GPU runs it
+
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops dispatched, views excluded: on a GPU each is a launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def gpu_dispatch_rule():
+    """sparse.py on the CPU as it runs on a GPU: every conv dense, the gate convs too."""
+    saved = sparse.DENSE_ABOVE, sparse.gate_conv2d
+    sparse.DENSE_ABOVE = {k: 0.0 for k in sparse.DENSE_ABOVE}
+    sparse.gate_conv2d = lambda x, w, b: F.conv2d(x, w, b, padding=1)
+    try:
+        yield
+    finally:
+        sparse.DENSE_ABOVE, sparse.gate_conv2d = saved
+
+
+def count_ops(gated, train, channels=64, batch=2):
+    """Ops dispatched by both D8 towers of FCOS (batch 2, 64 channels, a 256x384
+    pyramid, ~40% of the dynamic towers' MACs executed) in their second forward
+    (the first builds the canvas tables), under the GPU's dispatch rule. Returns
+    (ops, Counter by op, executed fraction of MACs)."""
+    torch.manual_seed(0)
+    towers = [dynhead.DynamicHead(channels, depth=8, gated=gated, gn_groups=32) for _ in range(2)]
+    for tower in towers:
+        for module in tower.modules():
+            if isinstance(module, dynhead.SpatialGate):
+                torch.nn.init.normal_(module.conv.weight, std=0.05)
+                torch.nn.init.constant_(module.conv.bias, -0.5)
+    feats = [torch.randn(batch, channels, h, w) for h, w in [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)]]
+    with gpu_dispatch_rule():
+        for _ in range(2):
+            counter = OpCount()
+            with torch.set_grad_enabled(train), counter:
+                outs = [tower(feats) for tower in towers]
+                if train:
+                    (sum(o.mean() for out in outs for o in out) + sum(t.cost.soft.mean() for t in towers)).backward()
+    executed = sum(t.cost.executed.sum() for t in towers) / sum(t.cost.full.sum() for t in towers)
+    return sum(counter.ops.values()), counter.ops, executed.item()
+
+
+def print_ops():
+    print("\n(c) aten ops dispatched (views excluded) by both D8 towers, batch 2, 64 channels, levels "
+          "32x48..2x3, counted on the CPU under the GPU's dispatch rule (every conv dense)")
+    print(f"{'tower':>8} {'executed':>8} {'inference':>9} {'train step':>10}  most frequent in a training step")
+    for name, gated in (("fixed", ()), ("dynamic", ("depth", "scale"))):
+        (infer, _, executed), (step, ops, _) = count_ops(gated, False), count_ops(gated, True)
+        common = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
+        print(f"{name:>8} {executed:8.1%} {infer:9d} {step:10d}  {common}")
+
+
 def measure(cases, device, repeats):
     """Times first (the process's usual allocator), then peak memory."""
     for c in cases:
@@ -313,7 +383,7 @@ def measure(cases, device, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("conv", "head", "all"), default="all")
+    parser.add_argument("--part", choices=("conv", "head", "ops", "all"), default="all")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="default: float32 on the CPU, bfloat16 on CUDA")
@@ -345,6 +415,8 @@ def main():
         print_conv(conv, device, dtype)
     if head:
         print_head(head, device, dtype, head_batch)
+    if args.part in ("ops", "all"):
+        print_ops()
 
 
 if __name__ == "__main__":

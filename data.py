@@ -4,6 +4,7 @@ pycocotools, a deterministic sampler that shards the data across ranks and
 resumes exactly, and a built-in synthetic dataset in the COCO layout.
 
 Map:
+    setup_distributed    the process group from torchrun's environment (train and eval)
     CocoDetection        images + instances JSON -> (image, target), labels 0..K-1
     TrainBatches         infinite, seeded, sharded per rank, aspect-ratio grouped
     make_loader          the DataLoader around them
@@ -19,6 +20,7 @@ import os
 import signal
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
@@ -33,6 +35,24 @@ LAYOUT = """expected layout:
 {source}"""
 SOURCES = {"2017": "(COCO 2017 from https://cocodataset.org/#download)",
            "": "(the synthetic set: delete the folder and train.py --data synthetic writes it anew)"}
+
+
+# -----------------------------------------------------------------------------
+# Processes: torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), else one process
+
+def setup_distributed(device):
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on the CPU);
+    each rank then reads its own shard of the data. Returns rank, world, master,
+    distributed and the device of this process (its own GPU under torchrun)."""
+    distributed = "RANK" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    device = torch.device(device)
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dict(rank=rank, world=world, master=rank == 0, distributed=distributed, device=device)
 
 
 # -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ dynamic head per depth step and level (Fig. 4).
 """
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -21,23 +22,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pycocotools.cocoeval import COCOeval
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms.v2.functional import to_pil_image
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 import data
-from fcos import FCOS
+from fcos import build_model
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-MODEL_KEYS = ("backbone", "head", "depth", "lam", "tau", "activation", "coarse", "gated", "min_size",
-              "max_size", "channels")
-
-
-def build_model(args, num_classes, pretrained_backbone=None):
-    """The model a run's arguments (a dict) describe."""
-    kw = {k: args[k] for k in MODEL_KEYS}
-    kw["gated"] = tuple(kw["gated"])
-    pretrained = args["pretrained_backbone"] if pretrained_backbone is None else pretrained_backbone
-    return FCOS(num_classes, pretrained_backbone=pretrained, **kw)
 
 
 def val_dataset(kind, root):
@@ -59,7 +51,7 @@ def evaluate(model, dataset, device, workers=2, visualize=0, output_dir=None):
             x1, y1, x2, y2 = box
             detections.append({"image_id": image_id, "category_id": dataset.label_to_category[label],
                                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
-        macs.append((out["head_macs"], out["backbone_macs"]))
+        macs.append((out["head_macs"], backbone_macs(model, out["input_size"])))
         if rank == 0 and n < visualize:
             save_visualization(model, images[0], out, dataset.class_names, os.path.join(output_dir, "visualize"),
                                image_id)
@@ -82,6 +74,15 @@ def evaluate(model, dataset, device, workers=2, visualize=0, output_dir=None):
         with open(os.path.join(output_dir, "detections.json"), "w") as f:
             json.dump(detections, f)
     return results
+
+
+@functools.lru_cache(maxsize=64)  # one count per padded input size
+def backbone_macs(model, size):
+    """MACs of backbone + FPN for one padded input size (Tab. 1's total FLOPs), from
+    torch's FLOP counter (which counts a multiply-add as 2 FLOPs)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.backbone(model.mean.new_zeros(1, 3, *size))
+    return counter.get_total_flops() / 2
 
 
 def coco_stats(coco, detections):
@@ -140,13 +141,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    distributed = "RANK" in os.environ
-    device = torch.device(args.device)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
+    processes = data.setup_distributed(args.device)
+    device = processes["device"]
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     run = checkpoint["args"]
     dataset = val_dataset(args.data or run["data"], args.data_root or run["data_root"])
@@ -156,7 +152,7 @@ def main():
     results = evaluate(model.to(device), dataset, device, args.workers, args.visualize, output_dir)
     if results is not None:
         print(json.dumps(results, indent=1))
-    if distributed:
+    if processes["distributed"]:
         dist.destroy_process_group()
 
 

@@ -1,23 +1,26 @@
 """
 FCOS with the fine-grained dynamic head: the detector of the paper's experiments
-(Song et al., NeurIPS 2020, §3, Tab. 1-3), complete with targets, losses (plus
-Eq. 6's budget term), inference and FLOPs counting.
+(Song et al., NeurIPS 2020, §3, Tab. 1-3), in three parts as DETR has them: the
+model, the criterion (targets and losses, plus Eq. 6's budget term) and the
+post-processing (detections).
 
 FCOS itself is Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection"
-(ICCV 2019); the details below follow the authors' FCOS configuration (README).
+(ICCV 2019); the details follow the authors' FCOS configuration (docs/DESIGN.md §6).
 Torchvision provides the ResNet, frozen BatchNorm, the FPN, the focal and GIoU
 losses and NMS; the head and everything FCOS-specific is written here.
 
-Map, in the order a batch flows:
-    FCOS.__init__         backbone (ResNet, frozen BN, stem + stage 1 frozen), FPN P3-P7,
-                          one tower per branch ("fcos" | "fixed" | "dynamic"), predictors
-    FCOS.preprocess       normalise, resize, pad to a multiple of 32
-    FCOS.forward          features -> towers -> per-level predictions
+Map:
+    build_backbone        ResNet (frozen BN, stem + stage 1 frozen), FPN P3-P7
+    ConvTower, Predictors FCOS's 4-conv tower; the shared 3x3 predictors
     locations             the image point of every feature cell
     assign_targets        center sampling, size ranges, smallest-area tie-break
-    FCOS.losses           focal + GIoU + centerness + lambda * budget (Eq. 6)
-    FCOS.detect           score threshold, top-k, class-wise NMS, map back
-    FCOS.flops            executed / full head MACs and backbone MACs per image
+    FCOS                  the model: preprocess (normalise, resize, pad), backbone,
+                          one tower per branch ("fcos" | "fixed" | "dynamic"),
+                          predictors, the head's MACs; in train mode the losses
+                          of its Criterion, in eval mode its PostProcess's detections
+    Criterion             focal + GIoU + centerness + lambda * budget (Eq. 6)
+    PostProcess           candidates, class-wise NMS, boxes mapped back
+    build_model           the model a run's arguments describe
 """
 import math
 import os
@@ -33,7 +36,7 @@ from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from dynhead import DynamicHead
+from dynhead import DynamicHead, HeadCost
 
 STRIDES = (8, 16, 32, 64, 128)  # P3..P7
 SIZE_RANGES = ((0, 64), (64, 128), (128, 256), (256, 512), (512, math.inf))  # max regression distance
@@ -41,6 +44,9 @@ CENTER_RADIUS = 1.5  # center sampling, in strides
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 HEADS = ("fcos", "fixed", "dynamic")
+# the arguments of a run that the model is built from (checkpoints record them)
+MODEL_KEYS = ("backbone", "head", "depth", "lam", "tau", "activation", "coarse", "gated", "min_size",
+              "max_size", "channels")
 
 
 # -----------------------------------------------------------------------------
@@ -48,7 +54,7 @@ HEADS = ("fcos", "fixed", "dynamic")
 
 def build_backbone(name, pretrained, channels):
     """ResNet with frozen BatchNorm, stem and first stage frozen, FPN on C3-C5, and
-    P6 / P7 by stride-2 3x3 convs on C5 and relu(P6) (DESIGN §6; torchvision's
+    P6 / P7 by stride-2 3x3 convs on C5 and relu(P6) (docs/DESIGN.md §6; torchvision's
     LastLevelP6P7 starts from P5 instead where C5 has as many channels as the FPN:
     resnet18/34 with channels=512).
 
@@ -107,7 +113,7 @@ class ConvTower(nn.Module):
         outs = [self.tower(f) for f in features]
         full = sum(f.shape[-2] * f.shape[-1] for f in features) * self.macs_per_pixel
         full = torch.full((features[0].shape[0],), float(full), dtype=torch.float64, device=features[0].device)
-        self.cost = (full, full)  # (executed, full): a static tower computes everything
+        self.cost = HeadCost(torch.ones_like(full, dtype=torch.float32), full, full)  # it computes everything
         return outs
 
 
@@ -145,7 +151,7 @@ class Predictors(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Locations and targets (FCOS §3.1-3.3, DESIGN §6)
+# Locations and targets (FCOS §3.1-3.3, docs/DESIGN.md §6)
 
 def locations(sizes, device):
     """Image points (P, 2) of every cell, (x*s + s//2, y*s + s//2), finest level
@@ -210,13 +216,14 @@ def mean_over_ranks(value):
 
 
 # -----------------------------------------------------------------------------
-# The detector
+# The model
 
 class FCOS(nn.Module):
     """FCOS with a choice of head. Images: a list of float (3, H, W) tensors in
     [0, 1]. Train mode: model(images, targets) -> dict of losses. Eval mode:
     model(images) -> one dict per image: boxes (xyxy, in the image's own
-    coordinates), scores, labels, and MACs (head executed / full, backbone+FPN).
+    coordinates), scores, labels, the head's executed and full MACs, and the
+    padded input size (for the backbone's MACs).
 
     head: "fcos" (4-conv towers), "fixed" (routing towers, all paths on, no gates:
         Tab. 1) or "dynamic"; depth, tau, activation, coarse, gated: as in
@@ -234,7 +241,7 @@ class FCOS(nn.Module):
             raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes, self.lam, self.head = num_classes, lam, head
+        self.num_classes, self.head = num_classes, head
         self.min_size, self.max_size = min_size, max_size
         self.backbone = build_backbone(backbone, pretrained_backbone, channels)
         if head == "fcos":
@@ -245,12 +252,13 @@ class FCOS(nn.Module):
                                        coarse=coarse)
             self.cls_tower, self.reg_tower = make(), make()
         self.predictors = Predictors(channels, num_classes, len(STRIDES))
+        self.dynamic = head == "dynamic" and self.cls_tower.dynamic
+        self.criterion = Criterion(num_classes, lam if self.dynamic else 0.0)
+        self.postprocess = PostProcess()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
-        self.head_mac_ratio = None  # executed / full head MACs of the last batch, for logging
-        self._backbone_macs = {}
+        self.head_mac_ratio = None  # executed / full head MACs of the last batch: a tensor, read when logged
         # channels-last weights and inputs: oneDNN's and cuDNN's convs run faster so
-        # (a training step of the synthetic demo: 1.29 s against 1.51 s on 2 CPU cores)
         self.to(memory_format=torch.channels_last)
 
     # -- input -------------------------------------------------------------------
@@ -313,20 +321,44 @@ class FCOS(nn.Module):
         batch, sizes, scales, targets = self.preprocess(images, targets)
         features = list(self.backbone(batch).values())  # P3..P7, each (B, C, H_l, W_l)
         cls, box, ctr = self.predictors(self.cls_tower(features), self.reg_tower(features))
-        executed, full = self.head_macs(features)
-        self.head_mac_ratio = (executed.sum() / full.sum()).item()
+        cost = self.head_cost(features)
+        self.head_mac_ratio = (cost.executed.sum() / cost.full.sum()).detach()  # no host sync here
         points, levels = locations([f.shape[-2:] for f in features], batch.device)
         if self.training:
-            return self.losses(cls, box, ctr, points, levels, targets)
-        results = self.detect(cls, box, ctr, points, levels, sizes, scales)
-        backbone = self.backbone_macs(batch.shape[-2:])
-        for r, e, f in zip(results, executed.tolist(), full.tolist()):
-            r.update(head_macs=e, head_macs_full=f, backbone_macs=backbone)
+            return self.criterion(cls, box, ctr, points, levels, targets, cost.soft)
+        results = self.postprocess(cls, box, ctr, points, levels, sizes, scales)
+        for r, e, f in zip(results, cost.executed.tolist(), cost.full.tolist()):
+            r.update(head_macs=e, head_macs_full=f, input_size=tuple(batch.shape[-2:]))
         return results
 
-    # -- losses (FCOS §3, Eq. 6 of the paper) ----------------------------------------
+    def head_cost(self, features):
+        """The HeadCost of the whole head, per image: both towers and the predictors
+        (which run everywhere); soft is Eq. 5 over both towers, which have the same
+        full cost, so their ratios' mean."""
+        pixels = sum(f.shape[-2] * f.shape[-1] for f in features)
+        pred = pixels * self.predictors.macs_per_pixel
+        c, r = self.cls_tower.cost, self.reg_tower.cost
+        return HeadCost((c.soft + r.soft) / 2, c.executed + r.executed + pred, c.full + r.full + pred)
 
-    def losses(self, cls, box, ctr, points, levels, targets):
+
+
+# -----------------------------------------------------------------------------
+# The criterion: targets and losses (FCOS §3, Eq. 6 of the paper)
+
+class Criterion(nn.Module):
+    """FCOS's losses and Eq. 6's budget term, for the predictions of a batch: focal
+    (alpha .25, gamma 2) over the number of positives, GIoU weighted by the
+    centerness target over its sum, centerness BCE over the positives (each
+    normaliser averaged over all processes, as FCOS does under DDP), and
+    lam * L_budget, Eq. 5's soft budget of the head, mean over images."""
+
+    def __init__(self, num_classes, lam):
+        super().__init__()
+        self.num_classes, self.lam = num_classes, lam
+
+    def targets(self, points, levels, targets):
+        """(B, P) class of each location's matched box, -1 for background; (B, P, 4)
+        its regression targets."""
         labels, reg_targets = [], []
         for t in targets:
             matched, ltrb = assign_targets(points, levels, t["boxes"], t["labels"])
@@ -334,7 +366,10 @@ class FCOS(nn.Module):
                 matched = torch.where(matched >= 0, t["labels"][matched.clamp_min(0)], matched)
             labels.append(matched)
             reg_targets.append(ltrb)
-        labels, reg_targets = torch.stack(labels), torch.stack(reg_targets)  # (B, P), (B, P, 4)
+        return torch.stack(labels), torch.stack(reg_targets)
+
+    def forward(self, cls, box, ctr, points, levels, targets, soft_budget):
+        labels, reg_targets = self.targets(points, levels, targets)
         pos = labels >= 0
         num_pos = mean_over_ranks(pos.sum()).clamp_min(1.0)
         onehot = torch.zeros_like(cls)
@@ -353,68 +388,57 @@ class FCOS(nn.Module):
         else:  # no positives: zero losses that keep the predictors in the graph (DDP)
             loss_box, loss_ctr = box.sum() * 0, ctr.sum() * 0
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box, "loss_centerness": loss_ctr,
-                "loss_budget": self.lam * self.budget(cls)}
+                "loss_budget": self.lam * soft_budget.mean() if self.lam else cls.new_zeros(())}
 
-    def budget(self, like):
-        """Eq. 5 over the whole head: both towers have the same full cost, so the
-        ratio of the summed costs is the mean of the two towers' ratios."""
-        if self.head == "fcos" or not self.cls_tower.dynamic:
-            return like.new_zeros(())
-        return ((self.cls_tower.cost.soft + self.reg_tower.cost.soft) / 2).mean()
 
-    # -- inference (FCOS §3, DESIGN §6) -------------------------------------------
+# -----------------------------------------------------------------------------
+# Post-processing: detections (FCOS §3, docs/DESIGN.md §6)
+
+class PostProcess(nn.Module):
+    """Per image, as FCOS: candidates whose class probability is > score_thresh (the
+    authors' code too), the best top_per_level per level by score
+    sqrt(cls * centerness) (the authors' code: by class probability), boxes clipped
+    to the image, class-wise NMS at nms_iou, the best max_detections, mapped back to
+    the input image's coordinates."""
+
+    def __init__(self, score_thresh=0.05, top_per_level=1000, nms_iou=0.6, max_detections=100):
+        super().__init__()
+        self.score_thresh, self.top_per_level = score_thresh, top_per_level
+        self.nms_iou, self.max_detections = nms_iou, max_detections
 
     @torch.no_grad()
-    def detect(self, cls, box, ctr, points, levels, sizes, scales, score_thresh=0.05, top_per_level=1000,
-               nms_iou=0.6, max_detections=100):
-        """Per image, as FCOS: candidates whose class probability is > 0.05 (the
-        authors' code too), the best 1000 per level by score sqrt(cls * centerness)
-        (the authors' code: by class probability), boxes clipped to the image,
-        class-wise NMS at IoU 0.6, the best 100, mapped back to the input image's
-        coordinates."""
+    def forward(self, cls, box, ctr, points, levels, sizes, scales):
         results = []
         for i in range(cls.shape[0]):
-            probs = torch.sigmoid(cls[i].float())  # (P, K)
-            scores = torch.sqrt(probs * torch.sigmoid(ctr[i].float())[:, None])  # (P, K)
-            boxes_all, scores_all, labels_all = [], [], []
-            for level in range(len(STRIDES)):
-                at = levels == level
-                s = scores[at]
-                keep = (probs[at] > score_thresh).nonzero()  # (n, 2): cell, class
-                top = s[keep[:, 0], keep[:, 1]].topk(min(top_per_level, len(keep)))
-                keep = keep[top.indices]
-                boxes_all.append(ltrb_to_boxes(points[at][keep[:, 0]], box[i][at][keep[:, 0]].float()))
-                scores_all.append(top.values), labels_all.append(keep[:, 1])
-            boxes, scores_i, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+            boxes, scores, labels = self.candidates(cls[i], box[i], ctr[i], points, levels)
             h, w = sizes[i]
             boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
                                  boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1)
-            keep = batched_nms(boxes, scores_i, labels, nms_iou)[:max_detections]
+            keep = batched_nms(boxes, scores, labels, self.nms_iou)[:self.max_detections]
             sx, sy = scales[i]
             results.append({"boxes": boxes[keep] / boxes.new_tensor([sx, sy, sx, sy]),
-                            "scores": scores_i[keep], "labels": labels[keep]})
+                            "scores": scores[keep], "labels": labels[keep]})
         return results
 
-    # -- FLOPs (Tab. 1's columns) --------------------------------------------------
+    def candidates(self, cls, box, ctr, points, levels):
+        """One image's candidates: boxes (n, 4), scores (n,), labels (n,)."""
+        probs = torch.sigmoid(cls.float())  # (P, K)
+        scores = torch.sqrt(probs * torch.sigmoid(ctr.float())[:, None])  # (P, K)
+        boxes_all, scores_all, labels_all = [], [], []
+        for level in range(len(STRIDES)):
+            at = levels == level
+            keep = (probs[at] > self.score_thresh).nonzero()  # (n, 2): cell, class
+            s = scores[at][keep[:, 0], keep[:, 1]]
+            top = s.topk(min(self.top_per_level, len(keep)))
+            keep = keep[top.indices]
+            boxes_all.append(ltrb_to_boxes(points[at][keep[:, 0]], box[at][keep[:, 0]].float()))
+            scores_all.append(top.values), labels_all.append(keep[:, 1])
+        return torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
 
-    def head_macs(self, features):
-        """Per image (B,): executed and full MACs of the head: both towers and the
-        predictors (which run everywhere)."""
-        pixels = sum(f.shape[-2] * f.shape[-1] for f in features)
-        pred = pixels * self.predictors.macs_per_pixel
-        if self.head == "fcos":
-            (e1, f1), (e2, f2) = self.cls_tower.cost, self.reg_tower.cost
-        else:
-            c, r = self.cls_tower.cost, self.reg_tower.cost
-            (e1, f1), (e2, f2) = (c.executed, c.full), (r.executed, r.full)
-        return e1 + e2 + pred, f1 + f2 + pred
 
-    def backbone_macs(self, size):
-        """MACs of backbone + FPN for one padded input size, counted once per size."""
-        size = tuple(size)
-        if size not in self._backbone_macs:
-            from torch.utils.flop_counter import FlopCounterMode
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                self.backbone(self.mean.new_zeros(1, 3, *size))
-            self._backbone_macs[size] = counter.get_total_flops() / 2  # FLOPs count a MAC as 2
-        return self._backbone_macs[size]
+def build_model(run, num_classes, pretrained_backbone=None):
+    """The model a run's arguments (a dict with MODEL_KEYS) describe."""
+    kw = {k: run[k] for k in MODEL_KEYS}
+    kw["gated"] = tuple(kw["gated"])
+    pretrained = run["pretrained_backbone"] if pretrained_backbone is None else pretrained_backbone
+    return FCOS(num_classes, pretrained_backbone=pretrained, **kw)

@@ -9,12 +9,14 @@ The loss is Eq. 6: focal + GIoU + centerness + lambda * budget. Only rank 0 logs
 and saves. Checkpoints are written atomically; --resume continues from the newest
 one, exactly (model, optimizer, schedule, AMP scaler, data order, RNG states).
 SIGTERM or Ctrl-C saves a checkpoint before exiting.
+
+Map: get_args (the recipes as defaults) -> main: setup, build, resume, the loop
+(train), then the final checkpoint and evaluation.
 """
 import argparse
 import datetime
 import glob
 import json
-import math
 import os
 import random
 import re
@@ -28,25 +30,42 @@ import torch
 import torch.distributed as dist
 
 import data
-from eval import MODEL_KEYS, build_model, evaluate, val_dataset
+from eval import evaluate, val_dataset
+from fcos import MODEL_KEYS, build_model
 
-# The paper's 1x recipe (DESIGN §6) and a CPU-sized demo; any flag overrides either.
+# The paper's 1x recipe (docs/DESIGN.md §6) and a CPU-sized demo; any flag overrides either.
 RECIPES = {
     "coco": dict(backbone="resnet50", pretrained_backbone="true", min_size=800, max_size=1333, channels=256,
-                 ims_per_batch=16, optimizer="sgd", lr=0.01, max_iter=90000, steps=[60000, 80000], warmup=1000,
-                 checkpoint_period=5000, data_root="datasets/coco", workers=4),
+                 depth=8, ims_per_batch=16, optimizer="sgd", lr=0.01, max_iter=90000, steps=[60000, 80000],
+                 warmup=1000, checkpoint_period=5000, data_root="datasets/coco", workers=4),
     "synthetic": dict(backbone="resnet18", pretrained_backbone="false", min_size=256, max_size=352, channels=128,
                       depth=2, ims_per_batch=8, optimizer="adamw", lr=1e-3, max_iter=500, steps=[400, 470],
                       warmup=50, checkpoint_period=200, data_root="datasets/synthetic", workers=1),
+}
+RECIPE_FLAGS = {  # flag -> (help, type, nargs, choices); the defaults come from RECIPES
+    "data_root": ("dataset folder (COCO layout; the synthetic set is generated once)", str, None, None),
+    "backbone": ("", str, None, ("resnet18", "resnet34", "resnet50", "resnet101")),
+    "pretrained_backbone": ("true (torchvision's ImageNet weights), false, or a file", str, None, None),
+    "channels": ("FPN and head width (paper: 256)", int, None, None),
+    "depth": ("routers per branch, D (paper: 8)", int, None, None),
+    "min_size": ("shorter side of the resized input", int, None, None),
+    "max_size": ("cap on its longer side", int, None, None),
+    "optimizer": ("", str, None, ("sgd", "adamw")),
+    "lr": ("base learning rate", float, None, None),
+    "max_iter": ("iterations", int, None, None),
+    "steps": ("iterations at which lr drops x0.1", int, "*", None),
+    "warmup": ("linear warm-up iterations", int, None, None),
+    "ims_per_batch": ("images per iteration, over all processes; the recipe's lr, max-iter, steps and\n"
+                      "warmup follow it (linear rule) unless given", int, None, None),
+    "checkpoint_period": ("iterations between checkpoints", int, None, None),
+    "workers": ("data loader processes per rank", int, None, None),
 }
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", choices=tuple(RECIPES), default="coco")
-    p.add_argument("--data-root", help="coco: datasets/coco; synthetic: datasets/synthetic (generated once)")
+    p.add_argument("--data", choices=tuple(RECIPES), default="coco", help="the recipe and dataset (default: coco)")
     p.add_argument("--head", choices=("fcos", "fixed", "dynamic"), default="dynamic")
-    p.add_argument("--depth", type=int, help="routers per branch, D (paper: 8)")
     p.add_argument("--lam", type=float, default=0.4, help="lambda of Eq. 6, the budget weight")
     p.add_argument("--tau", type=float, default=1.5, help="tau of the gate activation, Eq. 3")
     p.add_argument("--activation", choices=("proposed", "restricted_tanh", "softmax"), default="proposed")
@@ -54,41 +73,36 @@ def get_args(argv=None):
     p.add_argument("--gated", nargs="*", choices=("depth", "scale"), default=["depth", "scale"],
                    help="the path types with spatial gates (Tab. 3); the others run everywhere;\n"
                         "none (--gated alone) is the fixed head")
-    p.add_argument("--backbone", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
-    p.add_argument("--pretrained-backbone", help="true (torchvision's ImageNet weights), false, or a file")
-    p.add_argument("--channels", type=int, help="FPN and head width (paper: 256)")
-    p.add_argument("--min-size", type=int, help="shorter side of the resized input")
-    p.add_argument("--max-size", type=int, help="cap on its longer side")
+    for key, (text, kind, nargs, choices) in RECIPE_FLAGS.items():
+        shown = "; ".join(f"{name}: {recipe[key]}" for name, recipe in RECIPES.items())
+        p.add_argument("--" + key.replace("_", "-"), type=kind, nargs=nargs, choices=choices,
+                       help=f"{text + ' ' if text else ''}(default {shown})")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on the CPU)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"))
-    p.add_argument("--lr", type=float, help="base learning rate")
-    p.add_argument("--steps", type=int, nargs="*", help="iterations at which lr drops x0.1")
-    p.add_argument("--warmup", type=int, help="linear warm-up iterations")
-    p.add_argument("--max-iter", type=int)
-    p.add_argument("--ims-per-batch", type=int, help="images per iteration, over all processes; the recipe's lr,\n"
-                   "max-iter, steps and warmup follow it (linear rule) unless given")
     p.add_argument("--output-dir", default="output")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    p.add_argument("--checkpoint-period", type=int)
     p.add_argument("--eval-period", type=int, default=0, help="0: evaluate only at the end")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, help="data loader processes per rank")
     args = p.parse_args(argv)
+    apply_recipe(args, p)
+    return args
+
+
+def apply_recipe(args, parser):
+    """Fill what was not given from the recipe, check the numbers, and scale the
+    recipe's lr and schedule for another --ims-per-batch by the linear rule
+    (Goyal et al., 2017; FCOS's advice for fewer GPUs): lr x k, iterations / k."""
     recipe = RECIPES[args.data]
     given = {key for key in recipe if getattr(args, key) is not None}
-    for key, value in dict(recipe, depth=recipe.get("depth", 8)).items():
-        if getattr(args, key) is None:
+    for key, value in recipe.items():
+        if key not in given:
             setattr(args, key, value)
     for key in ("depth", "ims_per_batch", "max_iter", "checkpoint_period", "channels", "min_size", "max_size"):
         if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+            parser.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
     for key in ("warmup", "eval_period", "workers"):
         if getattr(args, key) < 0:
-            p.error(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(args, key)}")
-    # The recipe's lr and schedule are for its batch (coco: 16 images, §3.1). Another
-    # --ims-per-batch scales what was not given by the linear rule (Goyal et al.,
-    # 2017; FCOS's advice for fewer GPUs): lr x k, iterations / k.
+            parser.error(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(args, key)}")
     k = args.ims_per_batch / recipe["ims_per_batch"]
     if k != 1:
         args.lr = args.lr if "lr" in given else recipe["lr"] * k
@@ -97,7 +111,6 @@ def get_args(argv=None):
         args.steps = args.steps if "steps" in given else [round(s / k) for s in recipe["steps"]]
     pretrained = args.pretrained_backbone.lower()
     args.pretrained_backbone = {"true": True, "false": False}.get(pretrained, args.pretrained_backbone)
-    return args
 
 
 # -----------------------------------------------------------------------------
@@ -172,6 +185,7 @@ def restore_rng(rng):
 
 
 # -----------------------------------------------------------------------------
+# The steps of a run
 
 def lr_factor(iteration, args):
     """Linear warm-up from 0.001x, then x0.1 at each step (the 1x schedule)."""
@@ -180,96 +194,94 @@ def lr_factor(iteration, args):
     return warm * 0.1 ** sum(iteration >= s for s in args.steps)
 
 
-def main(argv=None):
-    args = get_args(argv)
-    # DDP from torchrun's environment; a plain `python train.py` is one process
-    distributed = "RANK" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    device = torch.device(args.device)
-    if device.type == "cuda" and distributed:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    if args.ims_per_batch % world:
-        raise ValueError(f"--ims-per-batch {args.ims_per_batch} is not divisible by {world} processes")
+def setup(args):
+    """Processes, device, output folder, datasets. Returns a namespace of the run."""
+    run = argparse.Namespace(**data.setup_distributed(args.device))
+    run.log = print if run.master else (lambda *a, **k: None)
+    if args.ims_per_batch % run.world:
+        raise ValueError(f"--ims-per-batch {args.ims_per_batch} is not divisible by {run.world} processes")
     os.makedirs(args.output_dir, exist_ok=True)
     late = [s for s in args.steps if s >= args.max_iter] + ([args.warmup] if args.warmup >= args.max_iter else [])
     if late:
-        log(f"warning: of steps {args.steps} and warmup {args.warmup}, {late} lie at or beyond max_iter "
-            f"{args.max_iter} (pass --steps and --warmup that fit the run)")
+        run.log(f"warning: of steps {args.steps} and warmup {args.warmup}, {late} lie at or beyond max_iter "
+                f"{args.max_iter} (pass --steps and --warmup that fit the run)")
     if args.ims_per_batch != RECIPES[args.data]["ims_per_batch"]:
-        log(f"{args.ims_per_batch} images per iteration, not the recipe's {RECIPES[args.data]['ims_per_batch']}: "
-            f"lr {args.lr:g}, max_iter {args.max_iter}, steps {args.steps}, warmup {args.warmup} "
-            f"(the linear rule, where not given)")
+        run.log(f"{args.ims_per_batch} images per iteration, not the recipe's "
+                f"{RECIPES[args.data]['ims_per_batch']}: lr {args.lr:g}, max_iter {args.max_iter}, steps "
+                f"{args.steps}, warmup {args.warmup} (the linear rule, where not given)")
     if args.data == "synthetic":
-        log(f"synthetic demo recipe: {json.dumps({k: getattr(args, k) for k in RECIPES['synthetic']})}")
-        if master and not os.path.exists(os.path.join(args.data_root, "annotations", "instances_val.json")):
-            log(f"generating the synthetic dataset under {args.data_root} ...")
+        run.log(f"synthetic demo recipe: {json.dumps({k: getattr(args, k) for k in RECIPES['synthetic']})}")
+        if run.master and not os.path.exists(os.path.join(args.data_root, "annotations", "instances_val.json")):
+            run.log(f"generating the synthetic dataset under {args.data_root} ...")
             data.make_synthetic(args.data_root)
-        if distributed:
+        if run.distributed:
             dist.barrier()
     train_split = "train2017" if args.data == "coco" else "train"
-    train_set = data.CocoDetection(*data.coco_paths(args.data_root, train_split), train=True)
-    val_set = val_dataset(args.data, args.data_root)
+    run.train_set = data.CocoDetection(*data.coco_paths(args.data_root, train_split), train=True)
+    run.val_set = val_dataset(args.data, args.data_root)
+    return run
 
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = build_model(vars(args), len(train_set.label_to_category)).to(device)
+
+def build(args, run):
+    """The model (the same initial weights on every rank), optimizer, schedule and
+    AMP scaler."""
+    torch.manual_seed(args.seed)
+    model = build_model(vars(args), len(run.train_set.label_to_category)).to(run.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
     else:
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, args))
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
+    run.amp_dtype = torch.float16 if run.device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(run.device.type, enabled=args.amp and run.amp_dtype == torch.float16)
+    return model, optimizer, scheduler, scaler
 
-    start = 0
+
+def resume(args, run, model, optimizer, scheduler, scaler):
+    """The iteration to start from: 0, or the newest checkpoint's, restored exactly."""
     path = newest_checkpoint(args.output_dir) if args.resume else None
-    if path:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        check_same_model(checkpoint["args"], args)
-        for warning in resume_warnings(checkpoint, args, world):
-            log(warning)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start = checkpoint["iteration"]
-        restore_rng(checkpoint["rng"])
-        log(f"resuming from {path} at iteration {start}")
-    elif args.resume:
-        log(f"--resume: no checkpoint in {args.output_dir}, starting fresh")
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None) if distributed else model
+    if not path:
+        if args.resume:
+            run.log(f"--resume: no checkpoint in {args.output_dir}, starting fresh")
+        return 0
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    check_same_model(checkpoint["args"], args)
+    for warning in resume_warnings(checkpoint, args, run.world):
+        run.log(warning)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng(checkpoint["rng"])
+    run.log(f"resuming from {path} at iteration {checkpoint['iteration']}")
+    return checkpoint["iteration"]
 
-    # SIGTERM / Ctrl-C: finish the iteration, save, exit (all ranks agree each iteration)
-    stop = {"signal": None}
-    previous = {sig: signal.signal(sig, lambda s, f: stop.update(signal=s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+def train(args, run, model, optimizer, scheduler, scaler, start):
+    """Iterations start..max_iter; returns True if a signal stopped the run."""
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
+                                                    else None) if run.distributed else model
 
     def save(iteration, name=None):
-        if master:
+        if run.master:
             name = name or f"model_{iteration:07d}.pth"
-            save_checkpoint(os.path.join(args.output_dir, name), model, optimizer, scheduler, scaler, iteration, args,
-                            world)
-            log(f"saved {name}")
+            save_checkpoint(os.path.join(args.output_dir, name), model, optimizer, scheduler, scaler, iteration,
+                            args, run.world)
+            run.log(f"saved {name}")
 
-    try:
-        loader = data.make_loader(train_set, args.ims_per_batch // world, args.seed, rank, world, start, args.workers)
-        batches = iter(loader)
-        metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a", buffering=1) if master else None
-        log(f"training {args.head} head (depth {args.depth}, lambda {args.lam}) on {len(train_set)} images, "
-            f"{world} process(es), iterations {start}..{args.max_iter}")
-        tic = time.perf_counter()
+    loader = data.make_loader(run.train_set, args.ims_per_batch // run.world, args.seed, run.rank, run.world, start,
+                              args.workers)
+    batches, log = iter(loader), MetricLog(args, run, start)
+    run.log(f"training {args.head} head (depth {args.depth}, lambda {args.lam}) on {len(run.train_set)} images, "
+            f"{run.world} process(es), iterations {start}..{args.max_iter}")
+    with stop_signals() as stop:
         for iteration in range(start, args.max_iter):
             t0 = time.perf_counter()
             images, targets = next(batches)
             data_time = time.perf_counter() - t0
-            images = [img.to(device, non_blocking=True) for img in images]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
-                losses = ddp(images, targets)
+            with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=args.amp):
+                losses = ddp([img.to(run.device, non_blocking=True) for img in images], targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at iteration {iteration}: "
@@ -281,46 +293,74 @@ def main(argv=None):
             scaler.update()
             scheduler.step()
             done = iteration + 1
-
-            if master and (done % 20 == 0 or done == args.max_iter):
-                sec = (time.perf_counter() - tic) / (done - start)
-                record = {"iteration": done, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
-                          "lr": optimizer.param_groups[0]["lr"], "head_mac_ratio": model.head_mac_ratio,
-                          "s_per_iter": sec, "data_time": data_time, "peak_mem_mb": peak_memory_mb(device)}
-                eta = datetime.timedelta(seconds=int(sec * (args.max_iter - done)))
-                log(f"iter {done}/{args.max_iter}  eta {eta}  " + "  ".join(
-                    f"{k} {v:.4g}" for k, v in record.items() if k not in ("iteration",)))
-                metrics.write(json.dumps(record) + "\n")
+            log.step(done, loss, losses, optimizer, model, data_time)
             if done % args.checkpoint_period == 0 and done < args.max_iter:
                 save(done)
             if args.eval_period and done % args.eval_period == 0 and done < args.max_iter:
-                run_eval(model, val_set, device, args, master)
+                run_eval(model, run, args)
                 model.train()
-            if stopping(stop, distributed, device):
+            if stopping(stop, run):
                 save(done)
-                log(f"stopped by signal {stop['signal'] or 'on another rank'} after iteration {done}; "
-                    f"--resume continues from here")
-                break
-        else:  # not stopped: the final checkpoint and the evaluation
-            save(args.max_iter, "model_final.pth")
-            run_eval(model, val_set, device, args, master)
-    finally:
-        for sig, handler in previous.items():
+                run.log(f"stopped by signal {stop['signal'] or 'on another rank'} after iteration {done}; "
+                        f"--resume continues from here")
+                log.close()
+                return True
+    log.close()
+    save(args.max_iter, "model_final.pth")
+    return False
+
+
+class MetricLog:
+    """Every 20 iterations rank 0 prints and appends to metrics.jsonl the losses, lr,
+    the head's executed/full MAC ratio, s/iter, data time, ETA and peak memory (the
+    only host syncs of the loop, besides the finite-loss check)."""
+
+    def __init__(self, args, run, start):
+        self.args, self.run, self.start, self.tic = args, run, start, time.perf_counter()
+        self.file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a", buffering=1) if run.master else None
+
+    def step(self, done, loss, losses, optimizer, model, data_time):
+        if not self.run.master or not (done % 20 == 0 or done == self.args.max_iter):
+            return
+        sec = (time.perf_counter() - self.tic) / (done - self.start)
+        record = {"iteration": done, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
+                  "lr": optimizer.param_groups[0]["lr"], "head_mac_ratio": model.head_mac_ratio.item(),
+                  "s_per_iter": sec, "data_time": data_time, "peak_mem_mb": peak_memory_mb(self.run.device)}
+        eta = datetime.timedelta(seconds=int(sec * (self.args.max_iter - done)))
+        self.run.log(f"iter {done}/{self.args.max_iter}  eta {eta}  " + "  ".join(
+            f"{k} {v:.4g}" for k, v in record.items() if k != "iteration"))
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+class stop_signals:
+    """SIGTERM / Ctrl-C: finish the iteration, save, exit (all ranks agree each
+    iteration); the previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.stop = {"signal": None}
+        self.previous = {sig: signal.signal(sig, lambda s, f: self.stop.update(signal=s))
+                         for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self.stop
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-    if distributed:
-        dist.destroy_process_group()
 
 
-def stopping(stop, distributed, device):
-    flag = torch.tensor([stop["signal"] is not None], dtype=torch.int32, device=device)
-    if distributed:
+def stopping(stop, run):
+    flag = torch.tensor([stop["signal"] is not None], dtype=torch.int32, device=run.device)
+    if run.distributed:
         dist.all_reduce(flag)
     return bool(flag.item())
 
 
-def run_eval(model, val_set, device, args, master):
-    results = evaluate(model, val_set, device, workers=args.workers)
-    if master:
+def run_eval(model, run, args):
+    results = evaluate(model, run.val_set, run.device, workers=args.workers)
+    if run.master:
         path = os.path.join(args.output_dir, "eval_results.json")
         data.atomic_write(path, lambda f: json.dump(results, f, indent=1))
         print(f"AP {results['AP']:.4f}  AP50 {results['AP50']:.4f}  -> {path}")
@@ -330,6 +370,18 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run = setup(args)
+    model, optimizer, scheduler, scaler = build(args, run)
+    start = resume(args, run, model, optimizer, scheduler, scaler)
+    stopped = train(args, run, model, optimizer, scheduler, scaler, start)
+    if not stopped:
+        run_eval(model, run, args)
+    if run.distributed:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def test_slope_at_zero_and_zero_gradient_below(tau):
     assert v.grad[0].item() == pytest.approx(slope, rel=1e-5)
     assert torch.equal(v.grad[1:], torch.zeros(4, dtype=torch.float64))
     if tau == 1.5:
-        assert slope == pytest.approx(0.0949, abs=1e-4)  # DESIGN §3
+        assert slope == pytest.approx(0.0949, abs=1e-4)  # docs/DESIGN.md §3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -108,7 +108,7 @@ def test_gate_bias_gives_0_99(activation, tau):
     b = dynhead.gate_init_bias(activation, tau)
     assert gate_activation(torch.tensor(b, dtype=torch.float64), tau).item() == pytest.approx(0.99, abs=1e-9)
     if activation == "proposed" and tau == 1.5:
-        assert b == pytest.approx(3.822, abs=1e-3)  # DESIGN §3
+        assert b == pytest.approx(3.822, abs=1e-3)  # docs/DESIGN.md §3
 
 
 @pytest.mark.parametrize("coarse", [False, True])

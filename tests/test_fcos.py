@@ -182,14 +182,13 @@ def test_detect_thresholds_class_probability_and_ranks_by_score():
     cells = {0: (0.04, 0.95), 5: (0.30, 0.005), 10: (0.10, 0.9), 15: (0.50, 0.1)}  # P3 cells: (cls, centerness)
     for cell, (p, c) in cells.items():
         cls[0, cell, 0], ctr[0, cell] = logit(p), logit(c)
-    model = FCOS(1, backbone="resnet18", head="fcos", pretrained_backbone=False, channels=32)
-    det = model.detect(cls, box, ctr, points, levels, [(32, 32)], [(1.0, 1.0)], top_per_level=2)[0]
+    det = fcos.PostProcess(top_per_level=2)(cls, box, ctr, points, levels, [(32, 32)], [(1.0, 1.0)])[0]
     # cell 0 is no candidate (cls 0.04); of the rest, the best two by score: cells 15 and 10
     expected = sorted([math.sqrt(0.5 * 0.1), math.sqrt(0.1 * 0.9)], reverse=True)
     assert det["scores"].tolist() == pytest.approx(expected, rel=1e-4)
     centres = (det["boxes"][:, :2] + det["boxes"][:, 2:]) / 2
     assert centres.tolist() == [points[10].tolist(), points[15].tolist()]
-    det = model.detect(cls, box, ctr, points, levels, [(32, 32)], [(1.0, 1.0)])[0]
+    det = fcos.PostProcess()(cls, box, ctr, points, levels, [(32, 32)], [(1.0, 1.0)])[0]
     assert det["scores"].tolist() == pytest.approx(sorted([math.sqrt(p * c) for p, c in list(cells.values())[1:]],
                                                           reverse=True), rel=1e-4)
 
