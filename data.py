@@ -4,8 +4,11 @@ pycocotools, a deterministic sampler that shards the data across ranks and
 resumes exactly, and a built-in synthetic dataset in the COCO layout.
 
 Map:
+    RunError             a problem the user can act on (printed without a traceback)
     setup_distributed    the process group from torchrun's environment (train and eval)
-    CocoDetection        images + instances JSON -> (image, target), labels 0..K-1
+    read_image           any image file -> (3, H, W) float in [0, 1], 16-bit grey included
+    read_checkpoint      a checkpoint of train.py, checked (train.py's --resume and eval.py)
+    CocoDetection        images + instances JSON, checked at load -> (image, target)
     TrainBatches         infinite, seeded, sharded per rank, aspect-ratio grouped
     make_loader          the DataLoader around them
     make_synthetic       writes a synthetic COCO-format dataset (JPEGs + JSON)
@@ -13,11 +16,18 @@ Map:
 """
 import atexit
 import contextlib
+import datetime
+import errno
 import json
 import math
 import multiprocessing
 import os
+import re
 import signal
+import sys
+import warnings
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -37,12 +47,31 @@ SOURCES = {"2017": "(COCO 2017 from https://cocodataset.org/#download)",
            "": "(the synthetic set: delete the folder and train.py --data synthetic writes it anew)"}
 
 
+class RunError(Exception):
+    """A problem the user can act on: its message names the file or flag and the
+    fix, and the scripts print it without a traceback."""
+
+
+def run_cli(main):
+    """Run a script's main; a RunError or Ctrl-C ends it with its message alone."""
+    try:
+        return main()
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
 # -----------------------------------------------------------------------------
 # Processes: torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), else one process
 
-def setup_distributed(device):
+def setup_distributed(device, timeout_minutes=10):
     """Join the process group torchrun describes (NCCL on GPUs, gloo on the CPU);
-    each rank then reads its own shard of the data. Returns rank, world, master,
+    each rank then reads its own shard of the data. A collective that waits longer
+    than `timeout_minutes` (a rank that hangs) fails the run rather than blocking
+    the others for torch's default 30 minutes. Returns rank, world, master,
     distributed and the device of this process (its own GPU under torchrun)."""
     distributed = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
@@ -51,18 +80,50 @@ def setup_distributed(device):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return dict(rank=rank, world=world, master=rank == 0, distributed=distributed, device=device)
+
+
+# -----------------------------------------------------------------------------
+# Images
+
+GREY16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit grey PNGs and TIFFs
+
+
+def read_image(path):
+    """(3, H, W) float in [0, 1] from any image file PIL reads: 8-bit modes (grey,
+    palette, RGB, RGBA, CMYK, ...) through RGB, 16-bit grey with its real values
+    (PIL's convert("RGB") would clip them to 255: an all-white image); a mode that
+    holds no such values is refused by name."""
+    try:
+        with Image.open(path) as f:
+            f.load()
+            if f.mode in GREY16:
+                values = np.asarray(f)
+                if values.max(initial=0) > 65535 or values.min(initial=0) < 0:
+                    raise RunError(f"image {path}: mode {f.mode} holds values outside 0..65535; "
+                                   f"save it as 8- or 16-bit")
+                grey = torch.from_numpy(values.astype(np.float32) / 65535)
+                return grey[None].expand(3, -1, -1).contiguous()
+            if f.mode == "F":
+                raise RunError(f"image {path}: 32-bit float images (mode F) have no range to read them in; "
+                               f"save it as 8- or 16-bit")
+            return TF.pil_to_tensor(f.convert("RGB")).float() / 255
+    except RunError:
+        raise
+    except Exception as error:
+        raise RunError(f"could not read image {path}: {error}") from error
 
 
 # -----------------------------------------------------------------------------
 # COCO-format datasets
 
 class CocoDetection(torch.utils.data.Dataset):
-    """A COCO-format detection dataset. Items are (image, target): image a float
-    (3, H, W) tensor in [0, 1]; target a dict with boxes (N, 4) xyxy, labels (N,)
-    in 0..K-1 (contiguous), iscrowd (N,) and image_id. `label_to_category` maps
-    labels back to the JSON's category ids.
+    """A COCO-format detection dataset, checked when it loads. Items are (image,
+    target): image a float (3, H, W) tensor in [0, 1]; target a dict with boxes
+    (N, 4) xyxy, labels (N,) in 0..K-1 (contiguous), iscrowd (N,) and image_id.
+    `label_to_category` maps labels back to the JSON's category ids.
 
     train=True drops images with no usable (non-crowd, non-empty) box and flips
     horizontally when the sampler asks for it.
@@ -73,18 +134,20 @@ class CocoDetection(torch.utils.data.Dataset):
             if not os.path.exists(path):
                 root = os.path.dirname(os.path.dirname(os.path.abspath(ann_file)))
                 year = "2017" if ann_file.endswith("2017.json") else ""
-                raise FileNotFoundError(f"{path} not found; " + LAYOUT.format(root=root, year=year,
-                                                                              source=SOURCES[year]))
-        self.image_dir, self.train = image_dir, train
+                raise RunError(f"{path} not found; " + LAYOUT.format(root=root, year=year, source=SOURCES[year]))
+        self.image_dir, self.train, self.coco_file = image_dir, train, ann_file
+        self.coco = COCO()
+        self.coco.dataset = check_annotations(ann_file)
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # pycocotools prints
-            self.coco = COCO(ann_file)
+            self.coco.createIndex()
         self.label_to_category = sorted(self.coco.getCatIds())
         self.category_to_label = {c: i for i, c in enumerate(self.label_to_category)}
         self.class_names = [self.coco.cats[c]["name"] for c in self.label_to_category]
         ids = sorted(self.coco.getImgIds())
         if train:
-            ids = [i for i in ids if any(not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0
-                                         for a in self.coco.imgToAnns[i])]
+            ids = [i for i in ids if any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns[i])]
+            if not ids:
+                raise RunError(f"{ann_file}: no image has a box to train on (every box is a crowd region)")
         self.ids = ids
         self.flip = v2.RandomHorizontalFlip(p=1.0)
 
@@ -98,13 +161,8 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, flip = item if isinstance(item, tuple) else (item, False)
         image_id = self.ids[index]
-        path = os.path.join(self.image_dir, self.coco.imgs[image_id]["file_name"])
-        try:
-            with Image.open(path) as f:
-                image = TF.pil_to_tensor(f.convert("RGB"))  # (3, H, W) uint8
-        except Exception as error:
-            raise RuntimeError(f"could not read image {path}: {error}") from error
-        anns = [a for a in self.coco.imgToAnns[image_id] if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        image = read_image(os.path.join(self.image_dir, self.coco.imgs[image_id]["file_name"]))
+        anns = self.coco.imgToAnns[image_id]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
@@ -114,7 +172,55 @@ class CocoDetection(torch.utils.data.Dataset):
         if flip:
             image, target = self.flip(image, target)
         target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
-        return image.float() / 255, target
+        return image, target
+
+
+def check_annotations(ann_file):
+    """An instances JSON, checked: it parses, lists images and categories, every
+    annotation names a listed image and category. Boxes of zero or negative size
+    are dropped and boxes beyond their image clipped to it (dropped when entirely
+    outside), counted and reported once. Returns the (mended) dataset dict."""
+    try:
+        with open(ann_file) as f:
+            dataset = json.load(f)
+    except json.JSONDecodeError as error:
+        raise RunError(f"{ann_file} is not valid JSON: {error}") from error
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list) or \
+            not isinstance(dataset.get("annotations", []), list) or not isinstance(dataset.get("categories"), list):
+        raise RunError(f"{ann_file} is not a COCO instances file: expected a dict with lists 'images', "
+                       f"'annotations' and 'categories'")
+    if not dataset["images"]:
+        raise RunError(f"{ann_file} lists no images")
+    if not dataset["categories"]:
+        raise RunError(f"{ann_file} lists no categories")
+    categories = {c["id"] for c in dataset["categories"]}
+    images = {i["id"]: i for i in dataset["images"]}
+    kept, degenerate, clipped, outside = [], 0, 0, 0
+    for a in dataset.get("annotations", []):
+        if a.get("category_id") not in categories:
+            raise RunError(f"{ann_file}: annotation {a.get('id')} (image {a.get('image_id')}) has category_id "
+                           f"{a.get('category_id')!r}, not among the categories {sorted(categories)}")
+        if a.get("image_id") not in images:
+            raise RunError(f"{ann_file}: annotation {a.get('id')} is of image {a.get('image_id')!r}, which the file "
+                           f"does not list")
+        x, y, w, h = a["bbox"]
+        if w <= 0 or h <= 0:
+            degenerate += 1
+            continue
+        info = images[a["image_id"]]
+        x1, y1 = max(x, 0), max(y, 0)
+        x2, y2 = min(x + w, info["width"]), min(y + h, info["height"])
+        if x2 <= x1 or y2 <= y1:
+            outside += 1
+            continue
+        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+            clipped += 1
+            a = {**a, "bbox": [x1, y1, x2 - x1, y2 - y1]}
+        kept.append(a)
+    if degenerate or clipped or outside:
+        warnings.warn(f"{ann_file}: {degenerate} box(es) of zero or negative size and {outside} entirely outside "
+                      f"their image dropped; {clipped} reaching beyond their image clipped to it", stacklevel=2)
+    return {**dataset, "annotations": kept}
 
 
 def coco_paths(root, split):
@@ -275,17 +381,94 @@ def make_synthetic(root, num_train=600, num_val=100, seed=0, size=(320, 416)):
                      lambda f: json.dump({"images": images, "annotations": annotations, "categories": categories}, f))
 
 
+CHECKPOINT_KEYS = ("model", "args", "iteration")
+
+
+def read_checkpoint(path):
+    """A checkpoint that train.py wrote, checked: it exists, is complete, holds
+    nothing but tensors and plain values (torch.load's weights_only, so that a
+    file with code in it is refused), and has this trainer's keys. Raises a
+    RunError that names the file and what is wrong with it."""
+    if not os.path.isfile(path):
+        raise RunError(f"{path}: no such checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise RunError(f"{path} is empty (a save that never finished)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        if "Unsupported global" in str(error) or "Unsupported operand" in str(error):
+            raise RunError(f"{path} holds objects that a checkpoint of train.py does not (torch.load refused "
+                           f"them: {str(error).splitlines()[-1][:200]}); load only files you trust") from error
+        raise RunError(f"{path} is truncated or corrupt ({type(error).__name__}: "
+                       f"{str(error).splitlines()[0][:200] if str(error) else 'no message'})") from error
+    if not isinstance(checkpoint, dict) or not all(k in checkpoint for k in CHECKPOINT_KEYS):
+        held = sorted(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise RunError(f"{path} is not a checkpoint of train.py (it holds {held}); pass a model_NNNNNNN.pth or "
+                       f"model_final.pth that train.py wrote")
+    return checkpoint
+
+
+def check_classes(checkpoint, path, dataset, ann_file):
+    """The classes a checkpoint was trained on against a dataset's."""
+    saved = checkpoint.get("classes")
+    if saved is not None and list(saved) != list(dataset.class_names):
+        raise RunError(f"{path} was trained on {len(saved)} classes {list(saved)}, but {ann_file} has "
+                       f"{len(dataset.class_names)} classes {dataset.class_names}; use the dataset it was trained "
+                       f"on (--data, --data-root)")
+
+
 def atomic_write(path, write, mode="w"):
     """Write a file under a temporary name of this process's, then rename it into
     place: a reader never sees a half-written file -- not after a crash (the data
-    is on disk before the rename), nor while another process (a lambda sweep
-    sharing datasets/synthetic) writes the same file at once."""
+    is on disk before the rename), nor while another process writes the same file
+    at once. On any failure the temporary file goes, and a full disk says so."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if _disk_full(error):
+            before = "the file there before is intact" if os.path.exists(path) else "nothing was written"
+            raise RunError(f"no space left on device while writing {path}; {before}") from error
+        raise
+
+
+def _disk_full(error):
+    """Whether an exception, or one it was raised from (torch.save wraps the OSError
+    in a RuntimeError of its own), is ENOSPC."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files (NAME.tmpPID) that atomic_write left in `folder`
+    when its process was killed mid-write; those of running processes stay."""
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = re.fullmatch(r".+\.tmp(\d+)", name)
+        if match and not pid_alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+    return removed
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _visible(objects, size):

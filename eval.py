@@ -17,6 +17,7 @@ import functools
 import io
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -38,13 +39,18 @@ def val_dataset(kind, root):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, device, workers=2, visualize=0, output_dir=None):
+def evaluate(model, dataset, device, workers=2, visualize=0, output_dir=None, stop=None):
     """mAP and MACs on `dataset`, sharded over the ranks. Returns the results dict
-    on rank 0 (None elsewhere): the 12 COCOeval numbers and the FLOPs columns."""
+    on rank 0 (None elsewhere): the 12 COCOeval numbers and the FLOPs columns, or
+    {"interrupted": True} when `stop` (a dict a signal handler fills) ended the
+    evaluation of some rank before its last image."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.eval()
-    detections, macs = [], []
+    detections, macs, interrupted = [], [], False
     for n, (images, targets) in enumerate(data.eval_loader(dataset, rank, world, workers)):
+        if stop is not None and stop["signal"] is not None:
+            interrupted = True
+            break
         out = model([img.to(device) for img in images])[0]
         image_id = targets[0]["image_id"]
         for box, score, label in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
@@ -57,11 +63,16 @@ def evaluate(model, dataset, device, workers=2, visualize=0, output_dir=None):
                                image_id)
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, (detections, macs))
+        dist.all_gather_object(gathered, (detections, macs, interrupted))
         detections = [d for part in gathered for d in part[0]]
         macs = [m for part in gathered for m in part[1]]
+        interrupted = any(part[2] for part in gathered)
     if rank != 0:
         return None
+    if interrupted:
+        return {"interrupted": True}
+    if not macs:
+        raise data.RunError(f"{dataset.image_dir}: the evaluation set has no images to evaluate")
     results = coco_stats(dataset.coco, detections)
     head = torch.tensor([m[0] for m in macs], dtype=torch.float64) / 1e9
     total = head + torch.tensor([m[1] for m in macs], dtype=torch.float64) / 1e9
@@ -71,8 +82,7 @@ def evaluate(model, dataset, device, workers=2, visualize=0, output_dir=None):
           f"(min {results['head_gflops_min']:.2f}, max {results['head_gflops_max']:.2f}); "
           f"total avg {results['total_gflops_avg']:.2f}")
     if output_dir:
-        with open(os.path.join(output_dir, "detections.json"), "w") as f:
-            json.dump(detections, f)
+        data.atomic_write(os.path.join(output_dir, "detections.json"), lambda f: json.dump(detections, f))
     return results
 
 
@@ -143,12 +153,18 @@ def main():
     args = parser.parse_args()
     processes = data.setup_distributed(args.device)
     device = processes["device"]
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    checkpoint = data.read_checkpoint(args.checkpoint)
     run = checkpoint["args"]
     dataset = val_dataset(args.data or run["data"], args.data_root or run["data_root"])
+    data.check_classes(checkpoint, args.checkpoint, dataset, dataset.coco_file)
     model = build_model(run, len(dataset.label_to_category), pretrained_backbone=False)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise data.RunError(f"{args.checkpoint} does not fit the model its arguments describe: "
+                            f"{str(error).splitlines()[0]}") from error
     output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
+    os.makedirs(output_dir, exist_ok=True)
     results = evaluate(model.to(device), dataset, device, args.workers, args.visualize, output_dir)
     if results is not None:
         print(json.dumps(results, indent=1))
@@ -157,4 +173,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(data.run_cli(main))

@@ -14,14 +14,15 @@ Map: get_args (the recipes as defaults) -> main: setup, build, resume, the loop
 (train), then the final checkpoint and evaluation.
 """
 import argparse
+import contextlib
 import datetime
-import glob
 import json
 import os
 import random
 import re
 import resource
 import signal
+import socket
 import sys
 import time
 
@@ -37,10 +38,12 @@ from fcos import MODEL_KEYS, build_model
 RECIPES = {
     "coco": dict(backbone="resnet50", pretrained_backbone="true", min_size=800, max_size=1333, channels=256,
                  depth=8, ims_per_batch=16, optimizer="sgd", lr=0.01, max_iter=90000, steps=[60000, 80000],
-                 warmup=1000, checkpoint_period=5000, data_root="datasets/coco", workers=4),
+                 warmup=1000, checkpoint_period=5000, data_root="datasets/coco", workers=4, amp="off"),
+    # workers 0: on a 2-core machine a loader process takes a core from the model's two
+    # threads (30-40% slower iterations); its 8 small JPEGs decode in ~40 ms per iteration
     "synthetic": dict(backbone="resnet18", pretrained_backbone="false", min_size=256, max_size=352, channels=128,
                       depth=2, ims_per_batch=8, optimizer="adamw", lr=1e-3, max_iter=500, steps=[400, 470],
-                      warmup=50, checkpoint_period=200, data_root="datasets/synthetic", workers=1),
+                      warmup=50, checkpoint_period=200, data_root="datasets/synthetic", workers=0, amp="auto"),
 }
 RECIPE_FLAGS = {  # flag -> (help, type, nargs, choices); the defaults come from RECIPES
     "data_root": ("dataset folder (COCO layout; the synthetic set is generated once)", str, None, None),
@@ -59,29 +62,36 @@ RECIPE_FLAGS = {  # flag -> (help, type, nargs, choices); the defaults come from
                       "warmup follow it (linear rule) unless given", int, None, None),
     "checkpoint_period": ("iterations between checkpoints", int, None, None),
     "workers": ("data loader processes per rank", int, None, None),
+    "amp": ("mixed precision: fp16 on CUDA, bf16 on the CPU; auto: where the device computes it\n"
+            "natively (a GPU; a CPU with AVX512-BF16 or AMX), else fp32", str, "?", ("on", "off", "auto")),
 }
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", choices=tuple(RECIPES), default="coco", help="the recipe and dataset (default: coco)")
-    p.add_argument("--head", choices=("fcos", "fixed", "dynamic"), default="dynamic")
-    p.add_argument("--lam", type=float, default=0.4, help="lambda of Eq. 6, the budget weight")
-    p.add_argument("--tau", type=float, default=1.5, help="tau of the gate activation, Eq. 3")
-    p.add_argument("--activation", choices=("proposed", "restricted_tanh", "softmax"), default="proposed")
+    p.add_argument("--head", choices=("fcos", "fixed", "dynamic"), default="dynamic", help="(default dynamic)")
+    p.add_argument("--lam", type=float, default=0.4, help="lambda of Eq. 6, the budget weight (default 0.4)")
+    p.add_argument("--tau", type=float, default=1.5, help="tau of the gate activation, Eq. 3 (default 1.5)")
+    p.add_argument("--activation", choices=("proposed", "restricted_tanh", "softmax"), default="proposed",
+                   help="the gate activation, Tab. 2 (default proposed: Eq. 3)")
     p.add_argument("--coarse", action="store_true", help="one gate per image and path (Tab. 1 coarse-grained)")
     p.add_argument("--gated", nargs="*", choices=("depth", "scale"), default=["depth", "scale"],
                    help="the path types with spatial gates (Tab. 3); the others run everywhere;\n"
-                        "none (--gated alone) is the fixed head")
+                        "none (--gated alone) is the fixed head (default depth scale)")
     for key, (text, kind, nargs, choices) in RECIPE_FLAGS.items():
         shown = "; ".join(f"{name}: {recipe[key]}" for name, recipe in RECIPES.items())
+        extra = {"const": "on"} if key == "amp" else {}  # --amp alone: on
         p.add_argument("--" + key.replace("_", "-"), type=kind, nargs=nargs, choices=choices,
-                       help=f"{text + ' ' if text else ''}(default {shown})")
-    p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on the CPU)")
-    p.add_argument("--output-dir", default="output")
+                       help=f"{text + ' ' if text else ''}(default {shown})", **extra)
+    p.add_argument("--output-dir", default="output", help="(default output)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    p.add_argument("--eval-period", type=int, default=0, help="0: evaluate only at the end")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --output-dir and start anew")
+    p.add_argument("--dist-timeout", type=float, default=10.0, help="minutes a process waits for the others\n"
+                   "(a hung rank then fails the run) (default 10)")
+    p.add_argument("--eval-period", type=int, default=0, help="iterations between evaluations; 0: only at the "
+                   "end (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     apply_recipe(args, p)
@@ -103,6 +113,10 @@ def apply_recipe(args, parser):
     for key in ("warmup", "eval_period", "workers"):
         if getattr(args, key) < 0:
             parser.error(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(args, key)}")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
+    if args.dist_timeout <= 0:
+        parser.error(f"--dist-timeout must be above 0 minutes, got {args.dist_timeout}")
     k = args.ims_per_batch / recipe["ims_per_batch"]
     if k != 1:
         args.lr = args.lr if "lr" in given else recipe["lr"] * k
@@ -111,29 +125,100 @@ def apply_recipe(args, parser):
         args.steps = args.steps if "steps" in given else [round(s / k) for s in recipe["steps"]]
     pretrained = args.pretrained_backbone.lower()
     args.pretrained_backbone = {"true": True, "false": False}.get(pretrained, args.pretrained_backbone)
+    if args.amp == "auto":
+        args.amp = "on" if torch.device(args.device).type == "cuda" or native_bf16() else "off"
+    args.amp = args.amp == "on"
+
+
+def native_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX, as Linux lists its
+    flags): there bf16 autocast halves a training step; elsewhere it is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints: atomic, newest found by name, configuration checked on resume
 
-def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, args, world):
+def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, args, run):
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "iteration": iteration, "args": vars(args), "world": world,
-             "rng": rng_state()}
+             "scaler": scaler.state_dict(), "iteration": iteration, "args": vars(args), "world": run.world,
+             "classes": run.train_set.class_names, "rng": rng_state()}
     data.atomic_write(path, lambda f: torch.save(state, f), "wb")  # a run killed mid-write loses nothing
     data.atomic_write(os.path.join(os.path.dirname(path), "last_checkpoint"),
                       lambda f: f.write(os.path.basename(path)))
 
 
-def newest_checkpoint(output_dir):
-    """The checkpoint named in last_checkpoint, else the highest model_NNNNNNN.pth."""
+RUN_FILES = re.compile(r"model_(\d+|final)\.pth|last_checkpoint|metrics\.jsonl|eval_results\.json|detections\.json")
+
+
+def checkpoints_newest_first(output_dir):
+    """The checkpoints of a run, newest first: the one named in last_checkpoint,
+    then model_final.pth, then model_NNNNNNN.pth by iteration."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    numbered = sorted((int(m.group(1)), n) for n in names if (m := re.fullmatch(r"model_(\d+)\.pth", n)))
+    order = ["model_final.pth"] * ("model_final.pth" in names) + [n for _, n in reversed(numbered)]
     last = os.path.join(output_dir, "last_checkpoint")
-    if os.path.exists(last):
-        with open(last) as f:
-            return os.path.join(output_dir, f.read().strip())
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(output_dir, "model_*.pth"))
-             if (m := re.search(r"model_(\d+)\.pth$", p))]
-    return max(found)[1] if found else None
+    named = open(last).read().strip() if os.path.isfile(last) else ""
+    if named and named in names:
+        order = [named] + [n for n in order if n != named]
+    return [os.path.join(output_dir, n) for n in order]
+
+
+class FolderLock:
+    """One run per output folder: an exclusively created `lock` file holding this
+    process's pid (and host). A lock of a process that no longer runs on this host
+    is taken over with a warning."""
+
+    def __init__(self, folder, log):
+        self.path, self.held = os.path.join(folder, "lock"), False
+        me = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid, _, host = (open(self.path).read().strip() + "  ").partition(" ")
+                if host.strip() == socket.gethostname() and pid.isdigit() and not data.pid_alive(int(pid)):
+                    log(f"warning: taking over the lock of process {pid}, which no longer runs ({self.path})")
+                    os.remove(self.path)
+                    continue
+                raise data.RunError(f"{folder} is in use by another run (process {pid} on {host.strip() or '?'}, "
+                                    f"{self.path}); wait for it to end, or pass another --output-dir")
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return
+
+    def release(self):
+        if self.held:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            self.held = False
+
+
+def claim_output_dir(args, log):
+    """Lock the output folder, remove the temporary files of dead processes, and
+    refuse to start afresh over a run unless told to overwrite it."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    lock = FolderLock(args.output_dir, log)
+    removed = data.remove_stale_temporaries(args.output_dir)
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) of killed saves: {', '.join(sorted(removed)[:5])}")
+    found = sorted(n for n in os.listdir(args.output_dir) if RUN_FILES.fullmatch(n))
+    if found and not args.resume:
+        if not args.overwrite:
+            lock.release()
+            raise data.RunError(f"{args.output_dir} holds a run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
+                                f"pass --resume to continue it, --overwrite to delete it and start anew, or another "
+                                f"--output-dir")
+        for name in found:
+            os.remove(os.path.join(args.output_dir, name))
+        log(f"--overwrite: deleted the run in {args.output_dir} ({len(found)} file(s))")
+    return lock
 
 
 def check_same_model(saved, args):
@@ -141,8 +226,8 @@ def check_same_model(saved, args):
     differ = {k: (saved.get(k), vars(args)[k]) for k in keys if saved.get(k) != vars(args)[k]}
     if differ:
         lines = "\n".join(f"  {k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
-        raise ValueError(f"the checkpoint was trained with another configuration:\n{lines}\n"
-                         f"use the same flags, or another --output-dir")
+        raise data.RunError(f"the checkpoint was trained with another configuration:\n{lines}\n"
+                            f"use the same flags, or another --output-dir")
 
 
 def resume_warnings(checkpoint, args, world):
@@ -196,11 +281,10 @@ def lr_factor(iteration, args):
 
 def setup(args):
     """Processes, device, output folder, datasets. Returns a namespace of the run."""
-    run = argparse.Namespace(**data.setup_distributed(args.device))
+    run = argparse.Namespace(**data.setup_distributed(args.device, args.dist_timeout))
     run.log = print if run.master else (lambda *a, **k: None)
     if args.ims_per_batch % run.world:
-        raise ValueError(f"--ims-per-batch {args.ims_per_batch} is not divisible by {run.world} processes")
-    os.makedirs(args.output_dir, exist_ok=True)
+        raise data.RunError(f"--ims-per-batch {args.ims_per_batch} is not divisible by {run.world} processes")
     late = [s for s in args.steps if s >= args.max_iter] + ([args.warmup] if args.warmup >= args.max_iter else [])
     if late:
         run.log(f"warning: of steps {args.steps} and warmup {args.warmup}, {late} lie at or beyond max_iter "
@@ -219,6 +303,9 @@ def setup(args):
     train_split = "train2017" if args.data == "coco" else "train"
     run.train_set = data.CocoDetection(*data.coco_paths(args.data_root, train_split), train=True)
     run.val_set = val_dataset(args.data, args.data_root)
+    run.lock = claim_output_dir(args, run.log) if run.master else None
+    if run.distributed:
+        dist.barrier()  # the folder is claimed (or the run refused) before any rank reads it
     return run
 
 
@@ -239,14 +326,31 @@ def build(args, run):
 
 
 def resume(args, run, model, optimizer, scheduler, scaler):
-    """The iteration to start from: 0, or the newest checkpoint's, restored exactly."""
-    path = newest_checkpoint(args.output_dir) if args.resume else None
-    if not path:
-        if args.resume:
-            run.log(f"--resume: no checkpoint in {args.output_dir}, starting fresh")
+    """The iteration to start from: 0, or the newest loadable checkpoint's, restored
+    exactly. An unreadable newest checkpoint (a truncated file, say) is passed over
+    for the next one, with a warning that names both."""
+    if not args.resume:
         return 0
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    candidates, skipped = checkpoints_newest_first(args.output_dir), []
+    for path in candidates:
+        try:
+            checkpoint = data.read_checkpoint(path)
+            break
+        except data.RunError as error:
+            skipped.append(str(error))
+    else:
+        if candidates:
+            raise data.RunError(f"--resume: no checkpoint in {args.output_dir} can be read:\n  " + "\n  ".join(skipped))
+        run.log(f"--resume: no checkpoint in {args.output_dir}, starting fresh")
+        return 0
+    for reason in skipped:
+        run.log(f"warning: {reason}; resuming from {path} instead")
     check_same_model(checkpoint["args"], args)
+    data.check_classes(checkpoint, path, run.train_set, "the training set")
+    if checkpoint["iteration"] >= args.max_iter:
+        raise data.RunError(f"{path} is at iteration {checkpoint['iteration']}, and --max-iter {args.max_iter} ends "
+                            f"there or before: pass a larger --max-iter to train on (a finished run: evaluate it "
+                            f"with python eval.py --checkpoint {path})")
     for warning in resume_warnings(checkpoint, args, run.world):
         run.log(warning)
     model.load_state_dict(checkpoint["model"])
@@ -258,24 +362,25 @@ def resume(args, run, model, optimizer, scheduler, scaler):
     return checkpoint["iteration"]
 
 
-def train(args, run, model, optimizer, scheduler, scaler, start):
+def train(args, run, model, optimizer, scheduler, scaler, start, stop):
     """Iterations start..max_iter; returns True if a signal stopped the run."""
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
                                                     else None) if run.distributed else model
+    saved = [start]  # the iteration of the newest checkpoint
 
     def save(iteration, name=None):
         if run.master:
             name = name or f"model_{iteration:07d}.pth"
             save_checkpoint(os.path.join(args.output_dir, name), model, optimizer, scheduler, scaler, iteration,
-                            args, run.world)
+                            args, run)
             run.log(f"saved {name}")
+        saved[0] = iteration
 
-    loader = data.make_loader(run.train_set, args.ims_per_batch // run.world, args.seed, run.rank, run.world, start,
-                              args.workers)
-    batches, log = iter(loader), MetricLog(args, run, start)
+    batches = iter(data.make_loader(run.train_set, args.ims_per_batch // run.world, args.seed, run.rank, run.world,
+                                    start, args.workers))
     run.log(f"training {args.head} head (depth {args.depth}, lambda {args.lam}) on {len(run.train_set)} images, "
             f"{run.world} process(es), iterations {start}..{args.max_iter}")
-    with stop_signals() as stop:
+    with MetricLog(args, run, start) as log:
         for iteration in range(start, args.max_iter):
             t0 = time.perf_counter()
             images, targets = next(batches)
@@ -297,15 +402,14 @@ def train(args, run, model, optimizer, scheduler, scaler, start):
             if done % args.checkpoint_period == 0 and done < args.max_iter:
                 save(done)
             if args.eval_period and done % args.eval_period == 0 and done < args.max_iter:
-                run_eval(model, run, args)
+                run_eval(model, run, args, stop)
                 model.train()
             if stopping(stop, run):
-                save(done)
+                if saved[0] != done:  # a stop on a checkpoint iteration saves once
+                    save(done)
                 run.log(f"stopped by signal {stop['signal'] or 'on another rank'} after iteration {done}; "
                         f"--resume continues from here")
-                log.close()
                 return True
-    log.close()
     save(args.max_iter, "model_final.pth")
     return False
 
@@ -319,6 +423,13 @@ class MetricLog:
         self.args, self.run, self.start, self.tic = args, run, start, time.perf_counter()
         self.file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a", buffering=1) if run.master else None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()
+
     def step(self, done, loss, losses, optimizer, model, data_time):
         if not self.run.master or not (done % 20 == 0 or done == self.args.max_iter):
             return
@@ -331,14 +442,11 @@ class MetricLog:
             f"{k} {v:.4g}" for k, v in record.items() if k != "iteration"))
         self.file.write(json.dumps(record) + "\n")
 
-    def close(self):
-        if self.file:
-            self.file.close()
-
 
 class stop_signals:
-    """SIGTERM / Ctrl-C: finish the iteration, save, exit (all ranks agree each
-    iteration); the previous handlers come back on exit."""
+    """SIGTERM / Ctrl-C: training finishes its iteration, saves and exits (all ranks
+    agree each iteration); an evaluation stops at its next image. The previous
+    handlers come back on exit."""
 
     def __enter__(self):
         self.stop = {"signal": None}
@@ -358,12 +466,18 @@ def stopping(stop, run):
     return bool(flag.item())
 
 
-def run_eval(model, run, args):
-    results = evaluate(model, run.val_set, run.device, workers=args.workers)
-    if run.master:
-        path = os.path.join(args.output_dir, "eval_results.json")
-        data.atomic_write(path, lambda f: json.dump(results, f, indent=1))
-        print(f"AP {results['AP']:.4f}  AP50 {results['AP50']:.4f}  -> {path}")
+def run_eval(model, run, args, stop, final=False):
+    results = evaluate(model, run.val_set, run.device, workers=args.workers, stop=stop)
+    if not run.master:
+        return
+    if results.get("interrupted"):
+        checkpoint = os.path.join(args.output_dir, "model_final.pth" if final else "last_checkpoint")
+        print(f"evaluation interrupted by signal {stop['signal']}; the checkpoint is saved "
+              f"({checkpoint}): evaluate it with python eval.py --checkpoint ...")
+        return
+    path = os.path.join(args.output_dir, "eval_results.json")
+    data.atomic_write(path, lambda f: json.dump(results, f, indent=1))
+    print(f"AP {results['AP']:.4f}  AP50 {results['AP50']:.4f}  -> {path}")
 
 
 def peak_memory_mb(device):
@@ -375,14 +489,24 @@ def peak_memory_mb(device):
 def main(argv=None):
     args = get_args(argv)
     run = setup(args)
-    model, optimizer, scheduler, scaler = build(args, run)
-    start = resume(args, run, model, optimizer, scheduler, scaler)
-    stopped = train(args, run, model, optimizer, scheduler, scaler, start)
-    if not stopped:
-        run_eval(model, run, args)
-    if run.distributed:
-        dist.destroy_process_group()
+    try:
+        model, optimizer, scheduler, scaler = build(args, run)
+        start = resume(args, run, model, optimizer, scheduler, scaler)
+        with stop_signals() as stop:
+            if not train(args, run, model, optimizer, scheduler, scaler, start, stop):
+                run_eval(model, run, args, stop, final=True)
+    except RuntimeError as error:
+        if run.distributed and "timed out" in str(error).lower():
+            raise data.RunError(f"a process waited more than --dist-timeout {args.dist_timeout:g} minutes for the "
+                                f"others (one hung or died): {str(error).splitlines()[0][:200]}; the last "
+                                f"checkpoint in {args.output_dir} is intact, --resume continues") from error
+        raise
+    finally:
+        if run.lock:
+            run.lock.release()
+        if run.distributed:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(data.run_cli(main))

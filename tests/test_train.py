@@ -172,7 +172,7 @@ def test_resume_is_exact(tiny_root, tmp_path):
 def test_resume_refuses_another_configuration(tiny_root, tmp_path):
     out = str(tmp_path / "run")
     train.main(TINY + ["--data-root", tiny_root, "--max-iter", "1", "--output-dir", out])
-    with pytest.raises(ValueError, match=r"depth: checkpoint 1, now 2"):
+    with pytest.raises(data.RunError, match=r"depth: checkpoint 1, now 2"):
         train.main(TINY + ["--data-root", tiny_root, "--max-iter", "2", "--output-dir", out, "--resume",
                            "--depth", "2"])
 
@@ -231,13 +231,13 @@ def test_a_failed_run_with_loader_workers_exits(tiny_root, tmp_path):
 
 
 def test_missing_dataset_prints_layout(tmp_path, tiny_root):
-    with pytest.raises(FileNotFoundError, match=r"expected layout(.|\n)*train2017/\*\.jpg(.|\n)*COCO 2017"):
+    with pytest.raises(data.RunError, match=r"expected layout(.|\n)*train2017/\*\.jpg(.|\n)*COCO 2017"):
         train.main(["--data", "coco", "--data-root", str(tmp_path / "nowhere"), "--pretrained-backbone", "false"])
     import shutil
     root = tmp_path / "partial"
     shutil.copytree(tiny_root, root)
     os.remove(root / "annotations" / "instances_train.json")
-    with pytest.raises(FileNotFoundError, match=r"instances_train.json not found(.|\n)*val/\*\.jpg(.|\n)*synthetic"):
+    with pytest.raises(data.RunError, match=r"instances_train.json not found(.|\n)*val/\*\.jpg(.|\n)*synthetic"):
         train.main(TINY + ["--data-root", str(root), "--output-dir", str(tmp_path / "out")])
 
 
@@ -247,7 +247,7 @@ def test_unreadable_image_is_named(tiny_root, tmp_path):
     shutil.copytree(tiny_root, root)
     (root / "train" / "000000.jpg").write_bytes(b"not a jpeg")
     ds = data.CocoDetection(*data.coco_paths(str(root), "train"), train=True)
-    with pytest.raises(RuntimeError, match="000000.jpg"):
+    with pytest.raises(data.RunError, match="could not read image .*000000.jpg"):
         ds[0]
 
 
