@@ -5,11 +5,14 @@ backbone + FPN), in units of 1e9 MACs ("GFLOPs" as detectron2 and fvcore count).
 
     python eval.py --checkpoint output/model_final.pth [--data synthetic] [--visualize 8]
     torchrun --nproc_per_node 8 eval.py --checkpoint model_final.pth --data-root datasets/coco
+    python eval.py --checkpoint output/model_final.pth --images photo.jpg more_photos/
 
 Each rank evaluates a shard of the images, one image at a time (as the paper
 tests); rank 0 gathers the detections and runs COCOeval. --visualize N writes
 PNGs of N images with their detections, and of the spatial gates of the
-dynamic head per depth step and level (Fig. 4).
+dynamic head per depth step and level (Fig. 4). --images runs the model on image
+files instead (no dataset: the class names come from the checkpoint) and writes,
+per image, the detections drawn, the gate maps, and the detections as JSON.
 """
 import argparse
 import contextlib
@@ -91,7 +94,7 @@ def backbone_macs(model, size):
     """MACs of backbone + FPN for one padded input size (Tab. 1's total FLOPs), from
     torch's FLOP counter (which counts a multiply-add as 2 FLOPs)."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.backbone(model.mean.new_zeros(1, 3, *size))
+        model.backbone(next(model.backbone.parameters()).new_zeros(1, 3, *size))
     return counter.get_total_flops() / 2
 
 
@@ -110,10 +113,10 @@ def coco_stats(coco, detections):
     return {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats)}
 
 
-def save_visualization(model, image, out, class_names, output_dir, image_id):
-    """The image with its detections above 0.3, and the gate maps of Fig. 4."""
+def save_visualization(model, image, out, class_names, output_dir, image_id, min_score=0.3):
+    """The image with its detections above min_score, and the gate maps of Fig. 4."""
     os.makedirs(output_dir, exist_ok=True)
-    keep = out["scores"] > 0.3
+    keep = out["scores"] > min_score
     labels = [f"{class_names[l]} {s:.2f}" for l, s in zip(out["labels"][keep].tolist(), out["scores"][keep].tolist())]
     drawn = draw_bounding_boxes((image * 255).to(torch.uint8), out["boxes"][keep].cpu(), labels, width=2)
     to_pil_image(drawn).save(os.path.join(output_dir, f"{image_id}_detections.png"))
@@ -140,9 +143,64 @@ def gate_grid(gates):
     return (grid[:1].clamp(0, 1) * 255).to(torch.uint8).cpu()
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@torch.no_grad()
+def run_on_images(model, paths, class_names, device, output_dir, min_score=0.3):
+    """Detections on image files (a folder: its image files, by suffix): per image
+    NAME_detections.png (drawn above min_score), NAME_gates_cls/reg.png (Fig. 4) and
+    NAME.json (every detection: box xyxy in the image's pixels, score, class).
+    A file that cannot be read is named on stderr and the others still run.
+    Returns the number of files that failed."""
+    files = []
+    for path in paths:
+        files += sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES)) \
+            if os.path.isdir(path) else [path]
+    model.eval()
+    failed = 0
+    for path in files:
+        try:
+            image = data.read_image(path)
+        except data.RunError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        out = model([image.to(device)])[0]
+        name = os.path.splitext(os.path.basename(path))[0]
+        save_visualization(model, image, out, class_names, output_dir, name, min_score)
+        found = [{"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label,
+                  "class": class_names[label]}
+                 for box, score, label in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist())]
+        data.atomic_write(os.path.join(output_dir, f"{name}.json"),
+                          lambda f: json.dump({"image": path, "height": image.shape[1], "width": image.shape[2],
+                                               "detections": found}, f, indent=1))
+        print(f"{path}: {sum(d['score'] > min_score for d in found)} detections above {min_score} -> "
+              f"{os.path.join(output_dir, name)}_detections.png")
+    return failed
+
+
+def load_model(path, num_classes=None):
+    """The model of a checkpoint, its weights loaded; num_classes: the checkpoint's."""
+    checkpoint = data.read_checkpoint(path)
+    classes = checkpoint.get("classes")
+    if num_classes is None and classes is None:
+        raise data.RunError(f"{path} records no class names; evaluate it on its dataset (--data, --data-root)")
+    model = build_model(checkpoint["args"], num_classes or len(classes), pretrained_backbone=False)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise data.RunError(f"{path} does not fit the model its arguments describe: "
+                            f"{str(error).splitlines()[0]}") from error
+    return model, checkpoint
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on COCO val (or the synthetic val split)")
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on COCO val (or the synthetic val split), "
+                                                 "or run it on image files")
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders to run the model on")
+    parser.add_argument("--min-score", type=float, default=0.3, help="--images: draw detections above it")
     parser.add_argument("--data", choices=("coco", "synthetic"), help="default: the checkpoint's")
     parser.add_argument("--data-root", help="default: the checkpoint's")
     parser.add_argument("--output-dir", help="default: the checkpoint's folder")
@@ -151,19 +209,20 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
+    if args.images:
+        output_dir = args.output_dir or os.path.join(output_dir, "images")
+        os.makedirs(output_dir, exist_ok=True)
+        model, checkpoint = load_model(args.checkpoint)
+        return 1 if run_on_images(model.to(args.device), args.images, checkpoint["classes"], args.device,
+                                  output_dir, args.min_score) else 0
     processes = data.setup_distributed(args.device)
     device = processes["device"]
     checkpoint = data.read_checkpoint(args.checkpoint)
     run = checkpoint["args"]
     dataset = val_dataset(args.data or run["data"], args.data_root or run["data_root"])
     data.check_classes(checkpoint, args.checkpoint, dataset, dataset.coco_file)
-    model = build_model(run, len(dataset.label_to_category), pretrained_backbone=False)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise data.RunError(f"{args.checkpoint} does not fit the model its arguments describe: "
-                            f"{str(error).splitlines()[0]}") from error
-    output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
+    model, _ = load_model(args.checkpoint, len(dataset.label_to_category))
     os.makedirs(output_dir, exist_ok=True)
     results = evaluate(model.to(device), dataset, device, args.workers, args.visualize, output_dir)
     if results is not None:

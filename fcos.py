@@ -14,6 +14,7 @@ Map:
     ConvTower, Predictors FCOS's 4-conv tower; the shared 3x3 predictors
     locations             the image point of every feature cell
     assign_targets        center sampling, size ranges, smallest-area tie-break
+    assign_targets_atss   ATSS: IoU above mean + std of the nearest anchors, per box
     FCOS                  the model: preprocess (normalise, resize, pad), backbone,
                           one tower per branch ("fcos" | "fixed" | "dynamic"),
                           predictors, the head's MACs; in train mode the losses
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import batched_nms, box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -44,9 +45,11 @@ CENTER_RADIUS = 1.5  # center sampling, in strides
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 HEADS = ("fcos", "fixed", "dynamic")
+ASSIGNERS = ("fcos", "atss")
+ATSS_TOP_K, ATSS_ANCHOR_SCALE = 9, 8  # candidates per level; anchor side in strides (Zhang et al., 2020)
 # the arguments of a run that the model is built from (checkpoints record them)
-MODEL_KEYS = ("backbone", "head", "depth", "lam", "tau", "activation", "coarse", "gated", "min_size",
-              "max_size", "channels")
+MODEL_KEYS = ("detector", "backbone", "head", "assigner", "depth", "lam", "tau", "activation", "coarse", "gated",
+              "min_size", "max_size", "channels")
 
 
 # -----------------------------------------------------------------------------
@@ -195,6 +198,39 @@ def assign_targets(points, levels, boxes, labels):
     return matched, ltrb[torch.arange(P, device=points.device), matched.clamp_min(0)]
 
 
+def assign_targets_atss(points, levels, boxes, labels, k=ATSS_TOP_K):
+    """ATSS (Zhang et al., "Bridging the Gap Between Anchor-based and Anchor-free
+    Detection via Adaptive Training Sample Selection", CVPR 2020) as FCOS's other
+    assigner, for one image. Each location has one square anchor of side 8 strides.
+    For each box, the k locations of each level whose points lie nearest the box
+    centre are its candidates; a candidate is positive where its anchor's IoU with
+    the box is at least the mean + std of the candidates' IoUs and its point lies
+    inside the box; a location positive for several boxes takes the one of largest
+    IoU. Same inputs and outputs as assign_targets."""
+    P = points.shape[0]
+    if boxes.numel() == 0:
+        return torch.full((P,), -1, dtype=torch.long, device=points.device), points.new_zeros(P, 4)
+    half = torch.tensor(STRIDES, device=points.device, dtype=points.dtype)[levels][:, None] * ATSS_ANCHOR_SCALE / 2
+    ious = box_iou(torch.cat([points - half, points + half], 1), boxes)              # (P, M)
+    distance = torch.cdist(points, (boxes[:, :2] + boxes[:, 2:]) / 2)                 # (P, M)
+    candidates = []
+    for level in range(len(STRIDES)):
+        at = (levels == level).nonzero()[:, 0]
+        if len(at):
+            candidates.append(at[distance[at].topk(min(k, len(at)), dim=0, largest=False).indices])  # (k, M)
+    candidates = torch.cat(candidates)                                                # (L*k, M)
+    candidate_ious = ious.gather(0, candidates)
+    threshold = candidate_ious.mean(0) + candidate_ious.std(0)                        # (M,): unbiased, as ATSS
+    positive = torch.zeros_like(ious, dtype=torch.bool).scatter_(0, candidates, candidate_ious >= threshold)
+    x, y = points[:, 0, None], points[:, 1, None]
+    x1, y1, x2, y2 = boxes.unbind(1)
+    ltrb = torch.stack([x - x1, y - y1, x2 - x, y2 - y], 2)                          # (P, M, 4)
+    positive &= ltrb.min(2).values > 0                                                # the point inside the box
+    best, matched = torch.where(positive, ious, torch.full_like(ious, -1)).max(1)      # largest IoU wins
+    matched = torch.where(best < 0, torch.full_like(matched, -1), matched)
+    return matched, ltrb[torch.arange(P, device=points.device), matched.clamp_min(0)]
+
+
 def centerness_target(ltrb):
     """sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)), FCOS Eq. 3."""
     lr, tb = ltrb[:, 0::2], ltrb[:, 1::2]
@@ -231,14 +267,17 @@ class FCOS(nn.Module):
     lam: lambda of Eq. 6, the weight of the budget loss.
     pretrained_backbone: True (torchvision's ImageNet weights), False, or a file.
     channels: FPN and head width (the paper: 256).
+    assigner: "fcos" (center sampling and size ranges) or "atss" (Tab. 4's ATSS).
     """
 
     def __init__(self, num_classes, backbone="resnet50", head="dynamic", depth=8, lam=0.4, tau=1.5,
                  activation="proposed", coarse=False, gated=("depth", "scale"), pretrained_backbone=True,
-                 min_size=800, max_size=1333, channels=256):
+                 min_size=800, max_size=1333, channels=256, assigner="fcos"):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+        if assigner not in ASSIGNERS:
+            raise ValueError(f"unknown assigner {assigner!r}; expected one of {ASSIGNERS}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes, self.head = num_classes, head
@@ -253,7 +292,7 @@ class FCOS(nn.Module):
             self.cls_tower, self.reg_tower = make(), make()
         self.predictors = Predictors(channels, num_classes, len(STRIDES))
         self.dynamic = head == "dynamic" and self.cls_tower.dynamic
-        self.criterion = Criterion(num_classes, lam if self.dynamic else 0.0)
+        self.criterion = Criterion(num_classes, lam if self.dynamic else 0.0, assigner)
         self.postprocess = PostProcess()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
@@ -352,16 +391,17 @@ class Criterion(nn.Module):
     normaliser averaged over all processes, as FCOS does under DDP), and
     lam * L_budget, Eq. 5's soft budget of the head, mean over images."""
 
-    def __init__(self, num_classes, lam):
+    def __init__(self, num_classes, lam, assigner="fcos"):
         super().__init__()
         self.num_classes, self.lam = num_classes, lam
+        self.assign = assign_targets_atss if assigner == "atss" else assign_targets
 
     def targets(self, points, levels, targets):
         """(B, P) class of each location's matched box, -1 for background; (B, P, 4)
         its regression targets."""
         labels, reg_targets = [], []
         for t in targets:
-            matched, ltrb = assign_targets(points, levels, t["boxes"], t["labels"])
+            matched, ltrb = self.assign(points, levels, t["boxes"], t["labels"])
             if t["labels"].numel():  # class of the matched box, -1 for background
                 matched = torch.where(matched >= 0, t["labels"][matched.clamp_min(0)], matched)
             labels.append(matched)
@@ -437,8 +477,18 @@ class PostProcess(nn.Module):
 
 
 def build_model(run, num_classes, pretrained_backbone=None):
-    """The model a run's arguments (a dict with MODEL_KEYS) describe."""
-    kw = {k: run[k] for k in MODEL_KEYS}
+    """The model a run's arguments (a dict with MODEL_KEYS) describe: FCOS, or
+    torchvision's RetinaNet with the same choice of towers (retinanet.py)."""
+    kw = {k: run[k] for k in MODEL_KEYS if k in run}
     kw["gated"] = tuple(kw["gated"])
-    pretrained = run["pretrained_backbone"] if pretrained_backbone is None else pretrained_backbone
-    return FCOS(num_classes, pretrained_backbone=pretrained, **kw)
+    detector, assigner = kw.pop("detector", "fcos"), kw.pop("assigner", "fcos")
+    kw["pretrained_backbone"] = run["pretrained_backbone"] if pretrained_backbone is None else pretrained_backbone
+    own = {"fcos": "fcos", "retinanet": "retinanet"}[detector]  # the detector's own 4-conv towers
+    if kw["head"] in ("fcos", "retinanet") and kw["head"] != own:
+        raise ValueError(f"head {kw['head']!r} is the other detector's towers; {detector}'s own are {own!r}")
+    if detector == "retinanet":
+        import retinanet  # torchvision's detector; only its towers are this project's
+        if assigner != "fcos":
+            raise ValueError(f"assigner {assigner!r} is FCOS's; RetinaNet matches its anchors by IoU (torchvision's)")
+        return retinanet.RetinaNet(num_classes, **kw)
+    return FCOS(num_classes, assigner=assigner, **kw)

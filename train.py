@@ -70,7 +70,13 @@ RECIPE_FLAGS = {  # flag -> (help, type, nargs, choices); the defaults come from
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", choices=tuple(RECIPES), default="coco", help="the recipe and dataset (default: coco)")
-    p.add_argument("--head", choices=("fcos", "fixed", "dynamic"), default="dynamic", help="(default dynamic)")
+    p.add_argument("--detector", choices=("fcos", "retinanet"), default="fcos",
+                   help="FCOS, or torchvision's RetinaNet with these towers (Tab. 4) (default fcos)")
+    p.add_argument("--head", choices=("fcos", "retinanet", "fixed", "dynamic"), default="dynamic",
+                   help="the towers: the detector's own 4-conv towers (fcos or retinanet, as the\n"
+                        "detector), the fixed routing towers, or the dynamic ones (default dynamic)")
+    p.add_argument("--assigner", choices=("fcos", "atss"), default="fcos",
+                   help="FCOS's targets: center sampling and size ranges, or ATSS (Tab. 4) (default fcos)")
     p.add_argument("--lam", type=float, default=0.4, help="lambda of Eq. 6, the budget weight (default 0.4)")
     p.add_argument("--tau", type=float, default=1.5, help="tau of the gate activation, Eq. 3 (default 1.5)")
     p.add_argument("--activation", choices=("proposed", "restricted_tanh", "softmax"), default="proposed",
@@ -113,6 +119,11 @@ def apply_recipe(args, parser):
     for key in ("warmup", "eval_period", "workers"):
         if getattr(args, key) < 0:
             parser.error(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(args, key)}")
+    if args.head in ("fcos", "retinanet") and args.head != args.detector:
+        parser.error(f"--head {args.head} is the other detector's towers; {args.detector}'s own are --head "
+                     f"{args.detector}")
+    if args.assigner == "atss" and args.detector == "retinanet":
+        parser.error("--assigner atss is FCOS's; RetinaNet matches its anchors by IoU (torchvision's)")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
     if args.dist_timeout <= 0:
@@ -378,7 +389,8 @@ def train(args, run, model, optimizer, scheduler, scaler, start, stop):
 
     batches = iter(data.make_loader(run.train_set, args.ims_per_batch // run.world, args.seed, run.rank, run.world,
                                     start, args.workers))
-    run.log(f"training {args.head} head (depth {args.depth}, lambda {args.lam}) on {len(run.train_set)} images, "
+    run.log(f"training {args.detector} with {args.head} towers (depth {args.depth}, lambda {args.lam}) on "
+            f"{len(run.train_set)} images, "
             f"{run.world} process(es), iterations {start}..{args.max_iter}")
     with MetricLog(args, run, start) as log:
         for iteration in range(start, args.max_iter):
