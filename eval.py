@@ -127,15 +127,16 @@ def save_visualization(model, image, out, class_names, output_dir, image_id, min
 
 
 def gate_grid(gates):
-    """Rows: depth steps; columns: levels P3..P7, each upsampled to P3's size.
-    White = gate 1, black = 0 (skipped). The depth paths' gates, or for a head
-    whose scale paths alone are gated (Tab. 3) the scale-down gates, then the
-    scale-up gates below them; a level that lacks the path (P7 has no coarser
-    neighbour) stays grey."""
+    """Rows: depth steps; columns: levels P3..P7, each upsampled (nearest) to P3's
+    size, and P3 to 96 pixels high at least. White = gate 1, black = 0 (skipped).
+    The depth paths' gates, or for a head whose scale paths alone are gated
+    (Tab. 3) the scale-down gates, then the scale-up gates below them; a level
+    that lacks the path (P7 has no coarser neighbour) stays grey."""
     paths = ["depth"] if "depth" in gates[0] else ["down", "up"]
     maps = [m for step in gates for path in paths for m in step[path] if m is not None]
     h, w = maps[0].shape[-2:]
-    size = (max(h, 32), max(w, 32))  # coarse gates (one value per image) are 1x1
+    zoom = max(1, -(-96 // h))  # small inputs: a few pixels per cell, so that each can be seen
+    size = (max(h * zoom, 32), max(w * zoom, 32))  # coarse gates (one value per image) are 1x1
     grey = torch.full((1, *size), 0.5, device=maps[0].device)
     tiles = [grey if m is None else F.interpolate(m[:1].float(), size=size, mode="nearest")[0]
              for step in gates for path in paths for m in step[path]]
