@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import random
 import re
@@ -296,6 +297,13 @@ def setup(args):
     run.log = print if run.master else (lambda *a, **k: None)
     if args.ims_per_batch % run.world:
         raise data.RunError(f"--ims-per-batch {args.ims_per_batch} is not divisible by {run.world} processes")
+    # the towers' GroupNorms have 32 groups; in training each needs 2 values at least on P7,
+    # the smallest map (stride 128: ceil(min_size / 128) pixels on the shorter side)
+    per_group = args.channels // 32 * math.ceil(args.min_size / 128) ** 2
+    if args.channels % 32 or per_group < 2:
+        raise data.RunError(f"--channels {args.channels} with --min-size {args.min_size}: the head's GroupNorms of 32 "
+                            f"groups need a multiple of 32 channels and 2 values per group on P7's map; use "
+                            f"--channels 64 or more (a multiple of 32), or --min-size above 128")
     late = [s for s in args.steps if s >= args.max_iter] + ([args.warmup] if args.warmup >= args.max_iter else [])
     if late:
         run.log(f"warning: of steps {args.steps} and warmup {args.warmup}, {late} lie at or beyond max_iter "

@@ -19,7 +19,7 @@ import data
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--data", "synthetic", "--backbone", "resnet18", "--channels", "32", "--depth", "1",
+TINY = ["--data", "synthetic", "--backbone", "resnet18", "--channels", "64", "--depth", "1",
         "--min-size", "96", "--max-size", "128", "--ims-per-batch", "2", "--workers", "0",
         "--warmup", "2", "--steps", "100", "--amp", "off"]
 

@@ -18,7 +18,7 @@ import fcos
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--data", "synthetic", "--backbone", "resnet18", "--channels", "32", "--depth", "1",
+TINY = ["--data", "synthetic", "--backbone", "resnet18", "--channels", "64", "--depth", "1",
         "--min-size", "96", "--max-size", "128", "--ims-per-batch", "2", "--workers", "0",
         "--warmup", "2", "--steps", "100"]
 
@@ -142,8 +142,9 @@ def test_gate_grid_draws_each_level_and_greys_missing_ones():
     const = lambda v, s: torch.full((2, 1, s, s), v)
     gates = [{"down": [const(0.0, 8), const(1.0, 4), None], "up": [None, const(0.25, 4), const(1.0, 2)]}]
     grid = evaluation.gate_grid(gates)
-    assert grid.shape == (1, 2 + 2 * 34, 2 + 3 * 34)  # tiles of 32 px (the largest map, at least 32), 2 px apart
-    centre = lambda row, col: grid[0, 2 + 34 * row + 16, 2 + 34 * col + 16].item()
+    # tiles of 96 px (the largest map, 8 px, zoomed 12x to be seen), 2 px apart
+    assert grid.shape == (1, 2 + 2 * 98, 2 + 3 * 98)
+    centre = lambda row, col: grid[0, 2 + 98 * row + 48, 2 + 98 * col + 48].item()
     assert [[centre(r, c) for c in range(3)] for r in range(2)] == [[0, 255, 127], [127, 63, 255]]
 
 
@@ -207,6 +208,15 @@ def test_bad_numbers_are_refused(flag, value, said, capsys):
     with pytest.raises(SystemExit):
         train.get_args([flag, value])
     assert f"{flag} must be {said}, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("channels,min_size", [("32", "96"), ("48", "256")])
+def test_a_width_groupnorm_cannot_normalise_is_refused(tiny_root, tmp_path, channels, min_size):
+    # 32 channels at --min-size 96: P7 is 1x1, one value per group of GroupNorm(32);
+    # 48 channels do not divide into 32 groups
+    with pytest.raises(data.RunError, match=rf"--channels {channels} with --min-size {min_size}: .* use --channels 64"):
+        train.main(TINY + ["--data-root", tiny_root, "--channels", channels, "--min-size", min_size,
+                           "--output-dir", str(tmp_path)])
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tiny_root, tmp_path, monkeypatch):
