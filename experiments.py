@@ -30,7 +30,6 @@ class Row(NamedTuple):
     paper_map: float = None  # the paper's mAP (COCO val)
     paper_flops: str = ""  # and its FLOPs, as it gives them
     kind: str = ""  # fig5: "fixed", "dynamic", "coarse"
-    lam: float = None
 
 
 D8 = ("--depth", "8")
@@ -64,10 +63,10 @@ TABLES = {
         Row("fixed_d4", ("--head", "fixed", "--depth", "4"), None, "198.6 head", "fixed"),
         Row("fixed_d6", ("--head", "fixed", "--depth", "6"), None, "", "fixed"),
         Row("fixed_d8", ("--head", "fixed") + D8, 39.5, "397.2 head", "fixed"),
-        Row("dynamic_lam0.8", ("--lam", "0.8") + D8, 40.2, "33.3 head", "dynamic", 0.8),
-        Row("dynamic_lam0.4", ("--lam", "0.4") + D8, None, "", "dynamic", 0.4),
-        Row("dynamic_lam0.1", ("--lam", "0.1") + D8, 41.2, "83.9 head", "dynamic", 0.1),
-        Row("dynamic_lam0", ("--lam", "0") + D8, 42.0, "277.5 head", "dynamic", 0.0),
+        Row("dynamic_lam0.8", ("--lam", "0.8") + D8, 40.2, "33.3 head", "dynamic"),
+        Row("dynamic_lam0.4", ("--lam", "0.4") + D8, None, "", "dynamic"),
+        Row("dynamic_lam0.1", ("--lam", "0.1") + D8, 41.2, "83.9 head", "dynamic"),
+        Row("dynamic_lam0", ("--lam", "0") + D8, 42.0, "277.5 head", "dynamic"),
     ],
 }
 # Fig. 5's core at CPU scale (the synthetic set, 64 channels, D4 for the dynamic heads):
@@ -77,12 +76,12 @@ D4, NARROW = ("--depth", "4"), ("--channels", "64")
 SYNTHETIC = {"fig5": [
     Row("fixed_d2", ("--head", "fixed", "--depth", "2") + NARROW, kind="fixed"),
     Row("fixed_d4", ("--head", "fixed") + D4 + NARROW, kind="fixed"),
-    Row("dynamic_lam0.8", ("--lam", "0.8") + D4 + NARROW, kind="dynamic", lam=0.8),
-    Row("dynamic_lam0.4", ("--lam", "0.4") + D4 + NARROW, kind="dynamic", lam=0.4),
-    Row("dynamic_lam0.4_seed1", ("--lam", "0.4", "--seed", "1") + D4 + NARROW, kind="dynamic", lam=0.4),
-    Row("dynamic_lam0.1", ("--lam", "0.1") + D4 + NARROW, kind="dynamic", lam=0.1),
-    Row("dynamic_lam0", ("--lam", "0") + D4 + NARROW, kind="dynamic", lam=0.0),
-    Row("coarse_lam0.1", ("--coarse", "--lam", "0.1") + D4 + NARROW, kind="coarse", lam=0.1),
+    Row("dynamic_lam0.8", ("--lam", "0.8") + D4 + NARROW, kind="dynamic"),
+    Row("dynamic_lam0.4", ("--lam", "0.4") + D4 + NARROW, kind="dynamic"),
+    Row("dynamic_lam0.4_seed1", ("--lam", "0.4", "--seed", "1") + D4 + NARROW, kind="dynamic"),
+    Row("dynamic_lam0.1", ("--lam", "0.1") + D4 + NARROW, kind="dynamic"),
+    Row("dynamic_lam0", ("--lam", "0") + D4 + NARROW, kind="dynamic"),
+    Row("coarse_lam0.1", ("--coarse", "--lam", "0.1") + D4 + NARROW, kind="coarse"),
 ]}
 # The paper's Fig. 5 points that docs/DESIGN.md §7 holds (head-only GFLOPs, 2^30 MACs; mAP)
 PAPER_FIG5 = {"fixed": [(98.0, 38.7), (397.2, 39.5)], "dynamic": [(33.3, 40.2), (83.9, 41.2), (277.5, 42.0)]}
@@ -92,10 +91,14 @@ def rows_of(table, data):
     return SYNTHETIC.get(table, TABLES[table]) if data == "synthetic" else TABLES[table]
 
 
+def folder_of(row, args):
+    return os.path.join(args.output_dir, args.table, row.name)
+
+
 def command(row, args, extra):
     """The train.py command of a row: the launcher, the row's flags, the flags given
     after --, and --resume (a folder with no checkpoint yet starts fresh)."""
-    folder = os.path.join(args.output_dir, args.table, row.name)
+    folder = folder_of(row, args)
     return shlex.split(args.launcher) + ["train.py", "--data", args.data, *row.flags, *extra,
                                          "--output-dir", folder, "--resume"], folder
 
@@ -118,7 +121,7 @@ def run_row(row, args, extra):
 
 
 def results_of(row, args):
-    path = os.path.join(args.output_dir, args.table, row.name, "eval_results.json")
+    path = os.path.join(folder_of(row, args), "eval_results.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:

@@ -298,7 +298,8 @@ def setup(args):
     if args.ims_per_batch % run.world:
         raise data.RunError(f"--ims-per-batch {args.ims_per_batch} is not divisible by {run.world} processes")
     # the towers' GroupNorms have 32 groups; in training each needs 2 values at least on P7,
-    # the smallest map (stride 128: ceil(min_size / 128) pixels on the shorter side)
+    # the smallest map (stride 128: ceil(min_size / 128) pixels on the shorter side, fewer
+    # only where --max-size caps a very long image)
     per_group = args.channels // 32 * math.ceil(args.min_size / 128) ** 2
     if args.channels % 32 or per_group < 2:
         raise data.RunError(f"--channels {args.channels} with --min-size {args.min_size}: the head's GroupNorms of 32 "
