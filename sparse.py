@@ -498,6 +498,25 @@ class Canvas:
         """A zero canvas, channels_last, of the dtype, device and channels of `like`."""
         return like.new_zeros(self.B, self.H, self.W, like.shape[1]).permute(0, 3, 1, 2)
 
+    def empty(self, like):
+        """An uninitialised canvas, channels_last, as `like`, for what writes every value it reads."""
+        return like.new_empty(self.B, self.H, self.W, like.shape[1]).permute(0, 3, 1, 2)
+
+
+_ZEROS = {}  # (device, dtype, channels) -> a flat zero buffer, lent by _zero_canvas
+
+
+def _zero_canvas(cv, like):
+    """A zero canvas as cv.zeros(like), lent from a buffer kept per device, dtype and
+    width: the borrower writes a few rows and zeroes them again before the next use,
+    so that a whole canvas (a pass over memory, 6-9 ms at 256 channels on the CPU)
+    is not filled with zeros for a few thousand rows. One buffer, the largest canvas
+    seen, serves every canvas size."""
+    key, n = (like.device, like.dtype, like.shape[1]), cv.B * cv.H * cv.W * like.shape[1]
+    if key not in _ZEROS or _ZEROS[key].numel() < n:
+        _ZEROS[key] = like.new_zeros(n)
+    return _ZEROS[key][:n].view(cv.B, cv.H, cv.W, like.shape[1]).permute(0, 3, 1, 2)
+
 
 class _Pack(torch.autograd.Function):
     """Levels -> canvas, and back: copies into and out of the regions, with the
@@ -548,13 +567,18 @@ class _Aggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cv, x, down, at_down, up, at_up, alpha, beta):
         ctx.cv, ctx.sets, ctx.fixed = cv, {"down": at_down, "up": at_up}, alpha is None
-        sent = {"down": at_down.scatter(down), "up": at_up.scatter(up)}
         a = x * beta
-        for source, target, name in _moves(cv):
-            resized = F.interpolate(cv.region(sent[name], source), size=cv.sizes[target], mode="bilinear",
-                                    align_corners=True)
-            region = cv.region(a, target)
-            region.add_(resized) if alpha is None else region.addcmul_(resized, alpha)
+        sent = _zero_canvas(cv, down)  # each path's rows, placed there for its resizes, then zeroed again
+        for name, rows, at in (("down", down, at_down), ("up", up, at_up)):
+            try:
+                _rows(sent).index_copy_(0, at.index, rows)
+                for source, target, _ in filter(lambda move: move[2] == name, _moves(cv)):
+                    resized = F.interpolate(cv.region(sent, source), size=cv.sizes[target], mode="bilinear",
+                                            align_corners=True)
+                    region = cv.region(a, target)
+                    region.add_(resized) if alpha is None else region.addcmul_(resized, alpha)
+            finally:
+                _rows(sent).index_fill_(0, at.index, 0)
         ctx.save_for_backward(x, down, up, alpha, beta)
         return a
 
@@ -562,7 +586,9 @@ class _Aggregate(torch.autograd.Function):
     def backward(ctx, grad):
         cv = ctx.cv
         x, down, up, alpha, beta = ctx.saved_tensors
-        grads = {"down": cv.zeros(grad), "up": cv.zeros(grad)}  # with respect to the sent canvases
+        # with respect to the sent canvases: every source region is written, and the
+        # paths' active pixels lie in their source regions only, so no zeros are needed
+        grads = {"down": cv.empty(grad), "up": cv.empty(grad)}
         for source, target, name in _moves(cv):
             g = cv.region(grad, target).contiguous(memory_format=torch.channels_last)
             B, C = g.shape[:2]
@@ -573,7 +599,7 @@ class _Aggregate(torch.autograd.Function):
         if not ctx.fixed:
             grad_alpha = (torch.einsum("nc,nc->", g_down, down) + torch.einsum("nc,nc->", g_up, up)).reshape(1)
             g_down, g_up = g_down * alpha, g_up * alpha
-        grad_beta = (grad * x).sum().reshape(beta.shape)
+        grad_beta = torch.dot(_rows(grad).reshape(-1), _rows(x).reshape(-1)).reshape(beta.shape)  # no temporary map
         return None, grad * beta, g_down, None, g_up, None, grad_alpha, grad_beta
 
 
@@ -735,11 +761,30 @@ def depth_path(router, a, cv, tally):
     y = F.relu(group_norm_rows(y, R1.segments, gn1.num_groups, gn1.weight, gn1.bias, gn1.eps))
     y = conv_from_rows(y, R1, R2, path.conv2.weight)
     y = group_norm_rows(y, R2.segments, gn2.num_groups, gn2.weight, gn2.bias, gn2.eps)
-    a2 = R2.gather(a)
-    y = F.relu(a2 + y if gate is None else torch.addcmul(a2, R2.gather(gate), y))  # Eq. 2, on M2's rows
-    out = _rows(a).clamp_min(0)  # relu(a) where the block is skipped (clamp keeps no output for backward)
-    out.index_copy_(0, R2.index, y)
-    return out.view(cv.B, cv.H, cv.W, -1).permute(0, 3, 1, 2)
+    if gate is not None:
+        y = y * R2.gather(gate)
+    return _Residual.apply(a, y, R2)  # Eq. 2: relu(a + gate * block) on M2, relu(a) elsewhere
+
+
+class _Residual(torch.autograd.Function):
+    """relu(a + r) for a canvas `a` and rows `r` at the pixels `at` (0 elsewhere):
+    the depth path's output. One pass over the canvas; backward is ReLU's, whose
+    gradient is a's whole and r's at the pixels `at` (no map of r is made)."""
+
+    @staticmethod
+    def forward(ctx, a, r, at):
+        out = _rows(a).clamp_min(0)
+        out.index_copy_(0, at.index, (_rows(a).index_select(0, at.index) + r).clamp_min_(0))
+        ctx.save_for_backward(out)
+        ctx.at = at
+        return out.view(at.cv.B, at.cv.H, at.cv.W, -1).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, = ctx.saved_tensors
+        g = torch.ops.aten.threshold_backward(_rows(grad), out, 0)  # the gradient where the output is positive
+        cv = ctx.at.cv
+        return g.view(cv.B, cv.H, cv.W, -1).permute(0, 3, 1, 2), g.index_select(0, ctx.at.index), None
 
 
 def run_head(head, features, tally):
