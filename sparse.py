@@ -40,6 +40,7 @@ Map:
     Canvas, ActiveRows          the packed pyramid and its active pixels
     run_head                    §2.1's three steps of every router, on the canvas
 """
+import contextlib
 import functools
 import math
 
@@ -197,13 +198,21 @@ class _GatherConv(torch.autograd.Function):
         return grad_src, grad_weight, grad_bias, None, None, None
 
 
+def _autocast(*tensors):
+    """The tensors in autocast's dtype where it is on (None stays None), as F.conv2d
+    would cast them, for a conv run with autocast off."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def gather_conv(src, nb, weight, bias, depthwise, dense_pixels):
     """The rows (N, C_out) of a 3x3 conv at the pixels of `nb`, read from the rows
     `src` (S, C), in place of a dense conv over `dense_pixels` pixels (which bounds
     the working memory); under autocast in its dtype, as F.conv2d would."""
-    if torch.is_autocast_enabled(src.device.type):
-        dtype = torch.get_autocast_dtype(src.device.type)
-        src, weight, bias = src.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    src, weight, bias = _autocast(src, weight, bias)
     with torch.autocast(src.device.type, enabled=False):
         return _GatherConv.apply(src, weight, bias, nb, depthwise, dense_pixels)
 
@@ -441,6 +450,7 @@ class Canvas:
             corners.append((h0 + 2, x))
             x += w + 1
         self.H = h0 + 2 + (max(h for h, _ in rest) + 1 if rest else 0)
+        self.band = h0 + 1  # the rows from here down hold the levels below level 0 (and their frame)
         self.W = max(w0 + 2, x)
         self.B, self.sizes, self.device = batch, list(sizes), device
         self.regions = [(y, x, h, w) for (y, x), (h, w) in zip(corners, sizes)]
@@ -503,19 +513,25 @@ class Canvas:
         return like.new_empty(self.B, self.H, self.W, like.shape[1]).permute(0, 3, 1, 2)
 
 
-_ZEROS = {}  # (device, dtype, channels) -> a flat zero buffer, lent by _zero_canvas
+_ZEROS = {}  # (device, dtype, channels) -> a flat zero buffer, lent by _lent_zeros
 
 
-def _zero_canvas(cv, like):
-    """A zero canvas as cv.zeros(like), lent from a buffer kept per device, dtype and
-    width: the borrower writes a few rows and zeroes them again before the next use,
-    so that a whole canvas (a pass over memory, 6-9 ms at 256 channels on the CPU)
-    is not filled with zeros for a few thousand rows. One buffer, the largest canvas
-    seen, serves every canvas size."""
-    key, n = (like.device, like.dtype, like.shape[1]), cv.B * cv.H * cv.W * like.shape[1]
+@contextlib.contextmanager
+def _lent_zeros(B, H, W, rows, index):
+    """A zero (B, C, H, W) map, channels_last, holding `rows` (N, C) at the flat
+    positions `index` for the duration of the `with`: lent from a buffer kept per
+    device, dtype and width, whose rows are zeroed again on leaving, so that a whole
+    map (a pass over memory, 6-9 ms for a 256-channel canvas on the CPU) is not
+    filled with zeros for a few thousand rows. One buffer, the largest map asked
+    for, serves every size."""
+    key, n = (rows.device, rows.dtype, rows.shape[1]), B * H * W * rows.shape[1]
     if key not in _ZEROS or _ZEROS[key].numel() < n:
-        _ZEROS[key] = like.new_zeros(n)
-    return _ZEROS[key][:n].view(cv.B, cv.H, cv.W, like.shape[1]).permute(0, 3, 1, 2)
+        _ZEROS[key] = rows.new_zeros(n)
+    flat = _ZEROS[key][:n].view(B * H * W, rows.shape[1])
+    try:
+        yield flat.index_copy_(0, index, rows).view(B, H, W, -1).permute(0, 3, 1, 2)
+    finally:
+        flat.index_fill_(0, index, 0)
 
 
 class _Pack(torch.autograd.Function):
@@ -568,17 +584,13 @@ class _Aggregate(torch.autograd.Function):
     def forward(ctx, cv, x, down, at_down, up, at_up, alpha, beta):
         ctx.cv, ctx.sets, ctx.fixed = cv, {"down": at_down, "up": at_up}, alpha is None
         a = x * beta
-        sent = _zero_canvas(cv, down)  # each path's rows, placed there for its resizes, then zeroed again
         for name, rows, at in (("down", down, at_down), ("up", up, at_up)):
-            try:
-                _rows(sent).index_copy_(0, at.index, rows)
+            with _lent_zeros(cv.B, cv.H, cv.W, rows, at.index) as sent:  # the path's canvas, 0 off its rows
                 for source, target, _ in filter(lambda move: move[2] == name, _moves(cv)):
                     resized = F.interpolate(cv.region(sent, source), size=cv.sizes[target], mode="bilinear",
                                             align_corners=True)
                     region = cv.region(a, target)
                     region.add_(resized) if alpha is None else region.addcmul_(resized, alpha)
-            finally:
-                _rows(sent).index_fill_(0, at.index, 0)
         ctx.save_for_backward(x, down, up, alpha, beta)
         return a
 
@@ -640,6 +652,13 @@ class ActiveRows:
         inverse = torch.full((n,), len(self), dtype=torch.long, device=self.index.device)
         return inverse.index_copy_(0, self.index, torch.arange(len(self), device=self.index.device))
 
+    @functools.cached_property
+    def band_index(self):
+        """(N,) the flat positions in the band of the canvas below level 0 (canvas
+        rows cv.band to the end), for pixels that lie in it."""
+        shift = self.cv.band * self.cv.W  # b*H*W + y*W + x -> b*(H - band)*W + (y - band)*W + x
+        return self.index - (torch.div(self.index, self.cv.H * self.cv.W, rounding_mode="floor") + 1) * shift
+
     def gather(self, canvas):
         """(N, C) the rows of a canvas at these pixels."""
         return _rows(canvas).index_select(0, self.index)
@@ -669,13 +688,57 @@ def index_masks(masks, canvas):
 # -----------------------------------------------------------------------------
 # The dynamic head on the canvas: the steps of dynhead.Router, all levels at once
 
-def conv_at(x, at, weight, bias=None, groups=1):
+def conv_at(x, at, weight):
     """(N, C_out): a 3x3 conv of the canvas x at the pixels `at`; gathered, or the
     dense conv of the whole canvas where the dispatch rule says it is faster."""
-    kind = "depthwise" if groups > 1 else "conv"
-    if use_dense(at.density, kind, x.device):
-        return at.gather(F.conv2d(x, weight, bias, padding=1, groups=groups))
-    return gather_conv(_rows(x), at.neighbours(), weight, bias, groups > 1, at.cv.B * at.cv.H * at.cv.W)
+    if use_dense(at.density, "conv", x.device):
+        return at.gather(F.conv2d(x, weight, padding=1))
+    return gather_conv(_rows(x), at.neighbours(), weight, None, False, at.cv.B * at.cv.H * at.cv.W)
+
+
+class _ScaleConvs(torch.autograd.Function):
+    """Step 1's depthwise convs of the canvas x, the down path's and the up path's,
+    as rows at the pixels where each runs. Dense (gathering a depthwise conv loses
+    to oneDNN's and cuDNN's at every density, BENCHMARKS.md); the up path's conv
+    runs on the band below level 0 only (level 0, two thirds of the canvas, has no
+    up path). Backward: each path's row gradients in a lent zero map (no map filled
+    with zeros for them), one conv backward each, the band's input gradient added
+    into the down path's."""
+
+    @staticmethod
+    def forward(ctx, x, w_down, b_down, w_up, b_up, at_down, at_up):
+        C, band = x.shape[1], at_down.cv.band
+        down = _rows(F.conv2d(x, w_down, b_down, padding=1, groups=C)).index_select(0, at_down.index)
+        up = _rows(F.conv2d(x[:, :, band:], w_up, b_up, padding=1, groups=C)).index_select(0, at_up.band_index)
+        ctx.save_for_backward(x, w_down, w_up)
+        ctx.sets, ctx.biases = (at_down, at_up), (b_down is not None, b_up is not None)
+        return down, up
+
+    @staticmethod
+    def backward(ctx, g_down, g_up):
+        x, w_down, w_up = ctx.saved_tensors
+        (at_down, at_up), (B, C, H, W), band = ctx.sets, x.shape, ctx.sets[0].cv.band
+        need = ctx.needs_input_grad
+        grads = []
+        for g, src, w, index, has_bias, mask in (
+                (g_down, x, w_down, at_down.index, ctx.biases[0], [need[0], need[1], need[2]]),
+                (g_up, x[:, :, band:], w_up, at_up.band_index, ctx.biases[1], [need[0], need[3], need[4]])):
+            with _lent_zeros(B, src.shape[2], W, g.to(x.dtype), index) as g_map:
+                grads.append(torch.ops.aten.convolution_backward(
+                    g_map, src, w, [C] if has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], C, mask))
+        (gx, gw_down, gb_down), (gx_up, gw_up, gb_up) = grads
+        if gx is not None:
+            gx[:, :, band:] += gx_up
+        return gx, gw_down, gb_down if ctx.biases[0] else None, gw_up, gb_up if ctx.biases[1] else None, None, None
+
+
+def scale_convs(x, sets, paths):
+    """The depthwise convs of the down and up paths (_ScaleConvs): their rows at the
+    ActiveRows `sets`, under autocast in its dtype."""
+    (down, up), (at_down, at_up) = paths, sets
+    tensors = _autocast(x, down.conv.weight, down.conv.bias, up.conv.weight, up.conv.bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return _ScaleConvs.apply(*tensors, at_down, at_up)
 
 
 def conv_from_rows(rows, source, at, weight):
@@ -713,7 +776,7 @@ def scale_paths(router, x, cv, tally):
         soft = gate.sum((2, 3))  # (B, 2): Eq. 4, not detached
     else:
         sets = cv.scale_sets  # ungated (Tab. 3): every pixel that has the path
-    ys = [conv_at(x, at, path.conv.weight, path.conv.bias, groups=x.shape[1]) for at, path in zip(sets, paths)]
+    ys = scale_convs(x, sets, paths)
     gn = paths[0].gn
     normed = normalise_rows(torch.cat(ys), sets[0].together, gn.num_groups, gn.eps).split([len(at) for at in sets])
     sent = []
