@@ -578,12 +578,15 @@ class _Aggregate(torch.autograd.Function):
     arrival is added into its region; the gradients are moved back by hand, region
     by region (resizing is linear: <g, alpha * U s> = alpha * <U^T g, s>, so
     alpha's gradient comes from the resize backward that s's gradient needs).
-    alpha None: the arrivals weighted 1 (the fixed head)."""
+    alpha None: the arrivals weighted 1 (the fixed head). `in_place`: without
+    autograd, x is overwritten by a (half the memory traffic of a new map)."""
 
     @staticmethod
-    def forward(ctx, cv, x, down, at_down, up, at_up, alpha, beta):
+    def forward(ctx, cv, x, down, at_down, up, at_up, alpha, beta, in_place):
         ctx.cv, ctx.sets, ctx.fixed = cv, {"down": at_down, "up": at_up}, alpha is None
-        a = x * beta
+        if in_place:
+            ctx.mark_dirty(x)
+        a = x.mul_(beta) if in_place else x * beta
         for name, rows, at in (("down", down, at_down), ("up", up, at_up)):
             with _lent_zeros(cv.B, cv.H, cv.W, rows, at.index) as sent:  # the path's canvas, 0 off its rows
                 for source, target, _ in filter(lambda move: move[2] == name, _moves(cv)):
@@ -612,7 +615,7 @@ class _Aggregate(torch.autograd.Function):
             grad_alpha = (torch.einsum("nc,nc->", g_down, down) + torch.einsum("nc,nc->", g_up, up)).reshape(1)
             g_down, g_up = g_down * alpha, g_up * alpha
         grad_beta = torch.dot(_rows(grad).reshape(-1), _rows(x).reshape(-1)).reshape(beta.shape)  # no temporary map
-        return None, grad * beta, g_down, None, g_up, None, grad_alpha, grad_beta
+        return None, grad * beta, g_down, None, g_up, None, grad_alpha, grad_beta, None
 
 
 def _moves(cv):
@@ -798,7 +801,7 @@ def aggregate(router, x, sent, cv):
     """Step 2 on the canvas: a = alpha * (arrivals) + beta * x; `sent`: the rows of
     the scale-down and scale-up paths, and their ActiveRows."""
     (down, at_down), (up, at_up) = sent
-    return _Aggregate.apply(cv, x, down, at_down, up, at_up, router.alpha, router.beta)
+    return _Aggregate.apply(cv, x, down, at_down, up, at_up, router.alpha, router.beta, _in_place())
 
 
 def depth_path(router, a, cv, tally):
@@ -826,18 +829,29 @@ def depth_path(router, a, cv, tally):
     y = group_norm_rows(y, R2.segments, gn2.num_groups, gn2.weight, gn2.bias, gn2.eps)
     if gate is not None:
         y = y * R2.gather(gate)
-    return _Residual.apply(a, y, R2)  # Eq. 2: relu(a + gate * block) on M2, relu(a) elsewhere
+    return _Residual.apply(a, y, R2, _in_place())  # Eq. 2: relu(a + gate * block) on M2, relu(a) elsewhere
+
+
+def _in_place():
+    """Whether the head's canvases may be overwritten by the next step: without
+    autograd nothing keeps them (each is made by the head and read once)."""
+    return not torch.is_grad_enabled()
 
 
 class _Residual(torch.autograd.Function):
     """relu(a + r) for a canvas `a` and rows `r` at the pixels `at` (0 elsewhere):
     the depth path's output. One pass over the canvas; backward is ReLU's, whose
-    gradient is a's whole and r's at the pixels `at` (no map of r is made)."""
+    gradient is a's whole and r's at the pixels `at` (no map of r is made).
+    `in_place`: without autograd, a is overwritten by the output."""
 
     @staticmethod
-    def forward(ctx, a, r, at):
-        out = _rows(a).clamp_min(0)
-        out.index_copy_(0, at.index, (_rows(a).index_select(0, at.index) + r).clamp_min_(0))
+    def forward(ctx, a, r, at, in_place):
+        rows = (_rows(a).index_select(0, at.index) + r).clamp_min_(0)
+        if in_place:  # `a` itself returned: a view of its rows could carry odd strides that make convs copy it
+            ctx.mark_dirty(a)
+            _rows(a).clamp_min_(0).index_copy_(0, at.index, rows)
+            return a
+        out = _rows(a).clamp_min(0).index_copy_(0, at.index, rows)
         ctx.save_for_backward(out)
         ctx.at = at
         return out.view(at.cv.B, at.cv.H, at.cv.W, -1).permute(0, 3, 1, 2)
@@ -847,7 +861,7 @@ class _Residual(torch.autograd.Function):
         out, = ctx.saved_tensors
         g = torch.ops.aten.threshold_backward(_rows(grad), out, 0)  # the gradient where the output is positive
         cv = ctx.at.cv
-        return g.view(cv.B, cv.H, cv.W, -1).permute(0, 3, 1, 2), g.index_select(0, ctx.at.index), None
+        return g.view(cv.B, cv.H, cv.W, -1).permute(0, 3, 1, 2), g.index_select(0, ctx.at.index), None, None
 
 
 def run_head(head, features, tally):
