@@ -346,6 +346,27 @@ def test_head_sparse_equals_dense(dispatch, kw, device):
                 assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6))
 
 
+@pytest.mark.parametrize("kw", [{}, {"gated": ("scale",)}])
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_without_autograd_equals_dense_and_leaves_its_inputs(dispatch, kw, device):
+    """Without autograd the head overwrites its own canvases step by step: the same
+    numbers as the reference, the caller's features untouched, and a second run
+    (the lent zero buffers cleaned after the first) the same again."""
+    head = partly_off_head(device, **kw)
+    g = torch.Generator().manual_seed(2)
+    feats = [torch.randn(2, 16, h, w, generator=g).to(device) for h, w in SIZES]
+    kept = [f.clone() for f in feats]
+    with torch.no_grad():
+        head.dense = True
+        reference = head(feats)
+        head.dense = False
+        first, second = head(feats), head(feats)
+    for a, b, c in zip(first, second, reference):
+        assert_close(a, c, 1e-4)
+        assert torch.equal(a, b)
+    assert all(torch.equal(f, k) for f, k in zip(feats, kept))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_paths_switched_off_everywhere_still_get_gradients(device):
     """DDP requires every parameter to receive a gradient at every step, even a
