@@ -27,9 +27,9 @@ offsets in the canvas, with no border to handle. The depth path stays in rows of
 active pixels from conv1 to conv2, its gate and residual are applied on those
 rows only, and everything else runs on whole canvases. On the CPU one pass over a
 256-channel canvas takes 2-6 ms, the time of a conv's GEMM at several hundred
-pixels: the head makes as few as it can (no canvas filled with zeros for a few rows, the up path's depthwise conv on
-the part of the canvas that has the path; without autograd each step overwrites
-the canvas it reads).
+pixels, so the head makes as few as it can: no canvas filled with zeros for a few
+rows, the up path's depthwise conv only on the part of the canvas that has the
+path, and without autograd each step overwriting the canvas it reads.
 
 Where gathering loses to the dense conv (high density, tiny maps, every conv on a
 GPU: see BENCHMARKS.md) the dense conv runs and is masked; same numbers either way.
@@ -55,8 +55,9 @@ import torch.nn.functional as F
 
 # The dispatch rule: above these densities (fraction of active pixels) the dense
 # conv is faster than gathering (`python bench.py --part conv`, BENCHMARKS.md). The
-# memory-bound depthwise conv never gathers faster in the head; on CUDA cuDNN's
-# dense conv beats the unfused gather at every density.
+# memory-bound depthwise conv never gathers faster (the head runs its depthwise
+# convs dense, _ScaleConvs); on CUDA cuDNN's dense conv beats the unfused gather at
+# every density.
 DENSE_ABOVE = {
     ("cpu", "conv"): 0.7,
     ("cpu", "depthwise"): 0.0,
@@ -842,8 +843,9 @@ def depth_path(router, a, cv, tally):
 
 
 def _in_place():
-    """Whether the head's canvases may be overwritten by the next step: without
-    autograd nothing keeps them (each is made by the head and read once)."""
+    """Whether a step of the head may overwrite the canvas it is given: without
+    autograd nothing keeps a canvas (each is made by the head, and no step reads
+    it after the one that overwrites it)."""
     return not torch.is_grad_enabled()
 
 

@@ -16,7 +16,8 @@ SIZES = [(24, 20), (12, 10), (6, 5), (3, 3), (2, 2)]
 @pytest.fixture(params=["gather", "dense"])
 def dispatch(request, monkeypatch):
     """Every conv gathered, however dense; or every conv dense (as on a GPU): both
-    must give the dense computation's numbers."""
+    must give the dense computation's numbers. (The head's depthwise scale convs run
+    dense either way; the gathered depthwise conv is tested on maps of their own.)"""
     monkeypatch.setattr(sparse, "DENSE_ABOVE", {k: 1.0 if request.param == "gather" else 0.0
                                                 for k in sparse.DENSE_ABOVE})
     monkeypatch.setattr(sparse, "MIN_PIXELS", 0)
