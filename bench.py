@@ -326,14 +326,16 @@ class OpCount(TorchDispatchMode):
 
 @contextlib.contextmanager
 def gpu_dispatch_rule():
-    """sparse.py on the CPU as it runs on a GPU: every conv dense, the gate convs too."""
-    saved = sparse.DENSE_ABOVE, sparse.gate_conv2d
+    """sparse.py on the CPU as it runs on a GPU: every conv dense, the gate convs too,
+    the GroupNorms' statistics of all segments at once."""
+    saved = sparse.DENSE_ABOVE, sparse.gate_conv2d, sparse.BLOCK_NORM
     sparse.DENSE_ABOVE = {k: 0.0 for k in sparse.DENSE_ABOVE}
     sparse.gate_conv2d = lambda x, w, b: F.conv2d(x, w, b, padding=1)
+    sparse.BLOCK_NORM = {k: False for k in sparse.BLOCK_NORM}
     try:
         yield
     finally:
-        sparse.DENSE_ABOVE, sparse.gate_conv2d = saved
+        sparse.DENSE_ABOVE, sparse.gate_conv2d, sparse.BLOCK_NORM = saved
 
 
 def count_ops(gated, train, channels=64, batch=2):

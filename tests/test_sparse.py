@@ -15,11 +15,14 @@ SIZES = [(24, 20), (12, 10), (6, 5), (3, 3), (2, 2)]
 
 @pytest.fixture(params=["gather", "dense"])
 def dispatch(request, monkeypatch):
-    """Every conv gathered, however dense; or every conv dense (as on a GPU): both
-    must give the dense computation's numbers. (The head's depthwise scale convs run
-    dense either way; the gathered depthwise conv is tested on maps of their own.)"""
+    """Every conv gathered, however dense, each GroupNorm block by block; or, as on a
+    GPU, every conv dense and the GroupNorms' statistics of all segments at once:
+    both must give the dense computation's numbers. (The head's depthwise scale
+    convs run dense either way; the gathered depthwise conv is tested on maps of
+    their own.)"""
     monkeypatch.setattr(sparse, "DENSE_ABOVE", {k: 1.0 if request.param == "gather" else 0.0
                                                 for k in sparse.DENSE_ABOVE})
+    monkeypatch.setattr(sparse, "BLOCK_NORM", {k: request.param == "gather" for k in sparse.BLOCK_NORM})
     monkeypatch.setattr(sparse, "MIN_PIXELS", 0)
     return request.param
 
@@ -262,6 +265,31 @@ def test_group_norm_rows_keeps_its_digits_far_from_zero():
                  torch.autograd.grad(want.view(500, 16), rows64, dy.double())[0], 1e-3)
 
 
+@pytest.mark.parametrize("block_norm", [True, False])
+def test_group_norm_rows_in_blocks_equals_the_formula(monkeypatch, block_norm):
+    # rows in blocks of one segment each (one empty): PyTorch's GroupNorm block by block,
+    # and the statistics of all segments at once, against the fp64 formula per segment
+    monkeypatch.setattr(sparse, "BLOCK_NORM", {"cpu": block_norm})
+    g = torch.Generator().manual_seed(1)
+    blocks, ids = [40, 0, 25, 7], [2, 0, 3, 1]
+    index = torch.cat([torch.full((n,), s) for n, s in zip(blocks, ids)])
+    rows = (torch.randn(72, 16, generator=g) * 3 + 1).requires_grad_()
+    w, b = torch.randn(16, generator=g).requires_grad_(), torch.randn(16, generator=g).requires_grad_()
+    y = sparse.group_norm_rows(rows, sparse.Segments(index, 4, blocks=blocks), 4, w, b)
+    r64, w64, b64 = (t.detach().double().requires_grad_() for t in (rows, w, b))
+    parts = []
+    for part in filter(len, r64.split(blocks)):
+        p = part.view(-1, 4, 4)
+        n = (p - p.mean((0, 2), keepdim=True)) / torch.sqrt(p.var((0, 2), unbiased=False, keepdim=True) + 1e-5)
+        parts.append(n.reshape(-1, 16) * w64 + b64)
+    ref = torch.cat(parts)
+    assert_close(y.double(), ref, 1e-5)
+    dy = torch.randn(72, 16, generator=g)
+    for got, want in zip(torch.autograd.grad(y, (rows, w, b), dy),
+                         torch.autograd.grad(ref, (r64, w64, b64), dy.double())):
+        assert_close(got.double(), want, 1e-5)
+
+
 # -- the canvas ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sizes", [SIZES, [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)], [(5, 40), (3, 20)]])
@@ -296,6 +324,26 @@ def test_canvas_neighbours_are_fixed_offsets():
     taps = sparse.ActiveRows(index, cv, None, None).neighbours().taps[:, 0]
     expected = [(y + 1 + dy) * cv.W + x + 2 + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
     assert taps.tolist() == expected
+
+
+def test_index_masks_gives_each_segment_one_block():
+    # the rows of a mask come image by image, level by level: each block holds the
+    # mask's pixels of one (image, level) segment, as many as the mask has there
+    cv = sparse.Canvas(SIZES, 2, torch.device("cpu"))
+    masks = [random_masks((2, cv.H, cv.W), d, seed) & (cv.level >= 0) for seed, d in ((0, 0.4), (1, 0.7))]
+    sets, counts = sparse.index_masks(masks, cv)
+    for mask, at, count in zip(masks, sets, counts):
+        assert sorted(at.index.tolist()) == mask.reshape(-1).nonzero().squeeze(1).tolist()
+        assert count.tolist() == mask.reshape(2, -1).sum(1).tolist()
+        segment = cv.segment.index_select(0, at.index)
+        assert at.segments.index.remainder(cv.num_segments).tolist() == segment.tolist()
+        want, start = [], 0
+        for b in range(2):
+            for n in range(len(SIZES)):
+                want.append(int(cv.region(mask[:, None], n)[b].sum()))
+                assert (segment[start:start + want[-1]] == n * 2 + b).all()
+                start += want[-1]
+        assert at.segments.blocks == want
 
 
 # -- the head: packed and sparse, against the per-level reference ----------------------------
