@@ -69,12 +69,13 @@ DENSE_ABOVE = {
 # normalise_rows, whatever the number of blocks, launch fewer kernels.
 BLOCK_NORM = {"cpu": True, "cuda": False}
 MIN_PIXELS = 64  # a lone map with fewer pixels per image runs dense: nothing to gain
-# A chunk of pixels holds at most CHUNK_BYTES of working memory (CPU: GEMMs of a few
-# thousand rows run at full speed; CUDA: few large chunks, few launches) and at most
-# the dense conv's output over CHUNK_SHARE (so that gathering needs no more memory
-# than the dense conv), but never less than MIN_CHUNK_BYTES (small GEMMs run slowly).
+# A chunk of pixels holds at most CHUNK_BYTES of working memory (CPU: one GEMM of
+# 4-9 thousand rows runs 10-20% faster than two of half as many; CUDA: few large
+# chunks, few launches) and at most CHUNK_OF_DENSE times the output of the dense
+# conv it replaces (the peak memory against the fixed tower's: BENCHMARKS.md), but
+# never less than MIN_CHUNK_BYTES (small GEMMs run slowly).
 CHUNK_BYTES = {"cpu": 64 * 2 ** 20, "cuda": 256 * 2 ** 20}
-CHUNK_SHARE = {"cpu": 0.25, "cuda": 2}
+CHUNK_OF_DENSE = {"cpu": 4, "cuda": 0.5}
 MIN_CHUNK_BYTES = 8 * 2 ** 20
 
 
@@ -89,35 +90,45 @@ def use_dense(density, kind, device):
 class Neighbours:
     """The 3x3 neighbours of N pixels: taps (9, N), tap t = 3 * (dy + 1) + (dx + 1),
     flat row indices into the source rows; and the (9, N) bool map of the taps to
-    read as zero, or None where the source holds a zero at every such position."""
+    read as zero, or None where the source holds a zero at every such position.
+    `lefts` (3, N), where the taps of each row dy are three consecutive source
+    rows: the first of them (tap 3 * (dy + 1)), so that a window is gathered as
+    three runs of 3C values rather than nine of C (20% faster on the CPU)."""
 
-    def __init__(self, taps, outside=None):
-        self.taps, self.outside = taps, outside
+    def __init__(self, taps, outside=None, lefts=None):
+        self.taps, self.outside, self.lefts = taps, outside, lefts
 
     def __len__(self):
         return self.taps.shape[1]
 
+    def part(self, start, stop):
+        cut = lambda t: None if t is None else t[:, start:stop]
+        return Neighbours(cut(self.taps), cut(self.outside), cut(self.lefts))
+
 
 def _chunks(nb, pixel_bytes, dense_bytes, device):
-    """Yield (start, stop, taps, outside) over the pixels of `nb`, chunks of
-    near-equal size whose working set, `pixel_bytes` per pixel, stays under
-    CHUNK_BYTES and under a share of the dense conv's output `dense_bytes`."""
+    """Yield (start, stop, neighbours) over the pixels of `nb`, chunks of near-equal
+    size whose working set, `pixel_bytes` per pixel, stays under CHUNK_BYTES and
+    under a multiple of the dense conv's output `dense_bytes`."""
     n, kind = len(nb), device.type
     cap = CHUNK_BYTES.get(kind, CHUNK_BYTES["cuda"])
-    share = CHUNK_SHARE.get(kind, CHUNK_SHARE["cuda"])
-    step = max(1, min(cap, max(int(dense_bytes / share), MIN_CHUNK_BYTES)) // pixel_bytes)
+    of_dense = CHUNK_OF_DENSE.get(kind, CHUNK_OF_DENSE["cuda"])
+    step = max(1, min(cap, max(int(dense_bytes * of_dense), MIN_CHUNK_BYTES)) // pixel_bytes)
     step = max(1, -(-n // max(1, -(-n // step))))  # near-equal chunks: no small GEMM left at the end
     for start in range(0, max(n, 1), step):  # an empty set still makes one (empty) pass
         stop = min(n, start + step)
-        yield start, stop, nb.taps[:, start:stop], None if nb.outside is None else nb.outside[:, start:stop]
+        yield start, stop, nb.part(start, stop)
 
 
-def _windows(rows, taps, outside):
-    """(n, 9, C): the 3x3 windows of n pixels, gathered at once (im2col); the taps
-    beyond the border zeroed."""
-    n = taps.shape[1]
-    cols = rows.index_select(0, taps.t().reshape(-1)).view(n, 9, rows.shape[1])
-    return cols if outside is None else cols.masked_fill_(outside.t()[:, :, None], 0)
+def _windows(rows, nb):
+    """(n, 9, C): the 3x3 windows of the n pixels of `nb`, gathered at once (im2col);
+    the taps beyond the border zeroed."""
+    n, C = len(nb), rows.shape[1]
+    if nb.lefts is not None and rows.is_contiguous():  # row q of `runs`: rows q, q + 1, q + 2 (a view)
+        runs = rows.as_strided((rows.shape[0] - 2, 3 * C), (C, 1))
+        return runs.index_select(0, nb.lefts.t().reshape(-1)).view(n, 9, C)
+    cols = rows.index_select(0, nb.taps.t().reshape(-1)).view(n, 9, C)
+    return cols if nb.outside is None else cols.masked_fill_(nb.outside.t()[:, :, None], 0)
 
 
 def _matmul(a, w):
@@ -158,14 +169,19 @@ class _GatherConv(torch.autograd.Function):
         C, C_out = src.shape[1], weight.shape[0]
         # (C_out, 9C): column (3 * ky + kx) * C + c, as the windows; (9, C) per channel
         w = weight.reshape(C, 9).t() if depthwise else weight.permute(0, 2, 3, 1).reshape(C_out, 9 * C)
-        out = src.new_empty(len(nb), C_out)
         dense_bytes = dense_pixels * C_out * src.element_size()  # the output of the dense conv it replaces
         pixel_bytes = (2 if depthwise else 1) * 9 * C * src.element_size() + C_out * 4  # windows, result
-        for start, stop, taps, outside in _chunks(nb, pixel_bytes, dense_bytes, src.device):
-            cols = _windows(src, taps, outside)  # (n, 9, C)
+        chunks = list(_chunks(nb, pixel_bytes, dense_bytes, src.device))
+        out = None if len(chunks) == 1 else src.new_empty(len(nb), C_out)  # one chunk: its result is the output
+        for start, stop, part in chunks:
+            cols = _windows(src, part)  # (n, 9, C)
             acc = (cols * w).sum(1) if depthwise else _matmul(cols.view(len(cols), 9 * C), w)
             del cols  # free this chunk's windows before the next are gathered
-            out[start:stop] = acc if bias is None else acc + bias
+            acc = acc if bias is None else acc.add_(bias)
+            if out is None:
+                out = acc
+            else:
+                out[start:stop] = acc
         ctx.save_for_backward(src, weight)
         ctx.nb, ctx.depthwise, ctx.has_bias, ctx.dense_bytes = nb, depthwise, bias is not None, dense_bytes
         return out
@@ -181,15 +197,15 @@ class _GatherConv(torch.autograd.Function):
             w = weight.reshape(C, 9).t()  # (9, C)
         else:  # dL/dwindows = gy @ W: a GEMM with the (9C, C_out) transpose
             w_t = weight.permute(2, 3, 1, 0).reshape(9 * C, C_out).contiguous()
-        grad_w = None  # (9C, C_out), or (9, C) depthwise; fp32 at least
+        grad_w = None  # (C_out, 9C), or (9, C) depthwise; fp32 at least
         grad_b = _accumulate(None, grad_out.sum(0)) if need_b else None
         pixel_bytes = 2 * 9 * C * src.element_size() + C_out * 4
-        for start, stop, taps, outside in _chunks(nb, pixel_bytes, ctx.dense_bytes, src.device):
-            gy, n = grad_out[start:stop], stop - start
+        for start, stop, part in _chunks(nb, pixel_bytes, ctx.dense_bytes, src.device):
+            gy, n, taps, outside = grad_out[start:stop], stop - start, part.taps, part.outside
             if need_w:  # dL/dW = windows^T @ gy, or per channel and tap sum(windows * gy)
-                cols = _windows(src, taps, outside)
+                cols = _windows(src, part)
                 grad_w = _accumulate(grad_w, (cols * gy[:, None]).sum(0) if depthwise else
-                                     cols.view(n, 9 * C).t() @ gy)
+                                     gy.t() @ cols.view(n, 9 * C))
                 del cols
             if need_src:  # dL/dwindows, added back where the windows came from
                 gcols = (gy[:, None] * w) if depthwise else _matmul(gy, w_t).view(n, 9, C)
@@ -201,8 +217,8 @@ class _GatherConv(torch.autograd.Function):
         if need_w:
             if depthwise:  # (9, C) -> (C, 1, 3, 3)
                 grad_weight = grad_w.t().reshape(C, 1, 3, 3)
-            else:  # (9C, C_out) -> (C_out, C_in, 3, 3)
-                grad_weight = grad_w.reshape(3, 3, C, C_out).permute(3, 2, 0, 1)
+            else:  # (C_out, 9C) -> (C_out, C_in, 3, 3), channels_last as the head's weights (no copy)
+                grad_weight = grad_w.view(C_out, 3, 3, C).permute(0, 3, 1, 2)
             grad_weight = grad_weight.to(weight.dtype)
         if need_b and ctx.has_bias:
             grad_bias = grad_b.to(weight.dtype)
@@ -302,21 +318,25 @@ def normalise_rows(rows, segments, num_groups, eps=1e-5):
         return _NormaliseRows.apply(rows, segments, num_groups, eps)
 
 
-def group_norm_rows(rows, segments, num_groups, weight, bias, eps=1e-5):
+def group_norm_rows(rows, segments, num_groups, weight, bias, eps=1e-5, zero_row=False):
     """GroupNorm of pixel rows (N, C), statistics per segment and group. Where the
     rows come in blocks, one segment each, and BLOCK_NORM allows it, each block is
     a (1, C, 1, n) channels-last map for PyTorch's own GroupNorm: one fused pass
     for the statistics and one for the output, 3-5x faster on the CPU than the
     all-segments-at-once normalise_rows, which runs otherwise (a few ops however
     many segments, fewer launches on a GPU). An empty set of rows still keeps
-    weight and bias in the autograd graph (DDP needs every gradient)."""
+    weight and bias in the autograd graph (DDP needs every gradient). `zero_row`:
+    one row of zeros more, at the end (what conv_from_rows reads outside the rows),
+    made in the same pass as the blocks' concatenation."""
     blocks = segments.blocks
     if blocks is not None and len(rows) and BLOCK_NORM.get(rows.device.type, False):
         C = rows.shape[1]
         out = [_rows(F.group_norm(r.view(1, 1, n, C).permute(0, 3, 1, 2), num_groups, weight, bias, eps))
                for r, n in zip(rows.split(blocks), blocks) if n]
-        return (out[0] if len(out) == 1 else torch.cat(out)).to(rows.dtype)
-    return torch.addcmul(bias, normalise_rows(rows, segments, num_groups, eps), weight).to(rows.dtype)
+        out = [o.to(rows.dtype) for o in out] + ([rows.new_zeros(1, C)] if zero_row else [])
+        return out[0] if len(out) == 1 else torch.cat(out)
+    y = torch.addcmul(bias, normalise_rows(rows, segments, num_groups, eps), weight).to(rows.dtype)
+    return F.pad(y, (0, 0, 0, 1)) if zero_row else y
 
 
 # -----------------------------------------------------------------------------
@@ -650,7 +670,8 @@ class _Aggregate(torch.autograd.Function):
         g_down, g_up = ctx.sets["down"].gather(grads["down"]), ctx.sets["up"].gather(grads["up"])
         grad_alpha = None
         if not ctx.fixed:
-            grad_alpha = (torch.einsum("nc,nc->", g_down, down) + torch.einsum("nc,nc->", g_up, up)).reshape(1)
+            dot = lambda a, b: torch.dot(a.reshape(-1), b.reshape(-1))  # einsum would copy a transpose
+            grad_alpha = (dot(g_down, down) + dot(g_up, up)).reshape(1)
             g_down, g_up = g_down * alpha, g_up * alpha
         dtype = torch.promote_types(grad.dtype, x.dtype)  # under autocast x may be bf16, a (and grad) fp32
         grad_beta = torch.dot(_rows(grad).reshape(-1).to(dtype), _rows(x).reshape(-1).to(dtype))  # no temporary map
@@ -685,8 +706,8 @@ class ActiveRows:
         len(through) standing for the zeros outside it."""
         taps = self.index[None] + self.cv.deltas[:, None]  # (9, N): fixed offsets, the frame reads 0
         if through is not None:
-            taps = through.inverse.index_select(0, taps.reshape(-1)).view(9, -1)
-        return Neighbours(taps)
+            return Neighbours(through.inverse.index_select(0, taps.reshape(-1)).view(9, -1))
+        return Neighbours(taps, lefts=taps[0::3])  # a row's three taps: consecutive canvas rows
 
     @functools.cached_property
     def inverse(self):
@@ -790,10 +811,12 @@ def scale_convs(x, sets, paths):
 def conv_from_rows(rows, source, at, weight):
     """(N, C_out): a 3x3 conv at the pixels `at` of a map that is `rows` on the
     pixels `source` (which hold the 3x3 field of `at`) and 0 elsewhere: the depth
-    path's conv2 reads conv1's output without a canvas in between."""
+    path's conv2 reads conv1's output without a canvas in between. `rows` may hold
+    one row more, of zeros (group_norm_rows' zero_row): what the gather reads
+    outside `source`, made here otherwise."""
     if use_dense(at.density, "conv", rows.device):
-        return at.gather(F.conv2d(source.scatter(rows), weight, padding=1))
-    padded = F.pad(rows, (0, 0, 0, 1))  # row len(source): the zeros outside it
+        return at.gather(F.conv2d(source.scatter(rows[:len(source)]), weight, padding=1))
+    padded = rows if len(rows) > len(source) else F.pad(rows, (0, 0, 0, 1))  # row len(source): zeros
     return gather_conv(padded, at.neighbours(through=source), weight, None, False, at.cv.B * at.cv.H * at.cv.W)
 
 
@@ -878,8 +901,9 @@ def depth_path(router, a, cv, tally):
         tally.add(path, cv.depth_pixels)
     gn1, gn2 = path.gn1, path.gn2
     y = conv_at(a, R1, path.conv1.weight)
-    y = F.relu(group_norm_rows(y, R1.segments, gn1.num_groups, gn1.weight, gn1.bias, gn1.eps), inplace=True)
-    y = conv_from_rows(y, R1, R2, path.conv2.weight)
+    zero_row = not use_dense(R2.density, "conv", a.device)  # conv2 gathers: it reads a zero row outside R1
+    y = group_norm_rows(y, R1.segments, gn1.num_groups, gn1.weight, gn1.bias, gn1.eps, zero_row)
+    y = conv_from_rows(F.relu(y, inplace=True), R1, R2, path.conv2.weight)
     y = group_norm_rows(y, R2.segments, gn2.num_groups, gn2.weight, gn2.bias, gn2.eps)
     if gate is not None:
         y = y * R2.gather(gate)

@@ -134,7 +134,7 @@ def test_chunked_gather_equals_dense(always_sparse, monkeypatch, groups):
     passes, chunks = [], sparse._chunks
 
     def recording(*args):  # the chunk sizes of each pass as they run
-        passes.append([stop - start for start, stop, _, _ in chunks(*args)])
+        passes.append([stop - start for start, stop, _ in chunks(*args)])
         return chunks(*args)
 
     monkeypatch.setattr(sparse, "_chunks", recording)
