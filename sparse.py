@@ -20,12 +20,14 @@ are exact: the gate activation has zero value and zero gradient where it is 0
 
 The dynamic head (`run_head`, called by dynhead.DynamicHead) runs on a *canvas*:
 the five levels packed into one map, each framed by zeros. A 3x3 conv of the
-canvas is then the conv of every level with its zero padding, so each gate conv,
-depthwise conv and GroupNorm of a router runs once over all levels (the router's
-weights are shared across levels), and a pixel's 3x3 neighbours lie at fixed
-offsets in the canvas, with no border to handle. The depth path stays in rows of
-active pixels from conv1 to conv2, its gate and residual are applied on those
-rows only, and everything else runs on whole canvases. On the CPU one pass over a
+canvas is then the conv of every level with its zero padding, so each gate conv
+and depthwise conv of a router runs once over all levels (the router's weights
+are shared across levels), and a pixel's 3x3 neighbours lie at fixed offsets in
+the canvas, with no border to handle. The active pixels of a mask come as rows
+ordered by image and level, so that the GroupNorm statistics of each (image,
+level) are those of one block of rows. The depth path stays in rows of active
+pixels from conv1 to conv2, its gate and residual are applied on those rows
+only, and everything else runs on whole canvases. On the CPU one pass over a
 256-channel canvas takes 2-6 ms, the time of a conv's GEMM at several hundred
 pixels, so the head makes as few as it can: no canvas filled with zeros for a few
 rows, the up path's depthwise conv only on the part of the canvas that has the
@@ -65,9 +67,11 @@ DENSE_ABOVE = {
     ("cuda", "depthwise"): 0.0,
 }
 # Where group_norm_rows runs PyTorch's GroupNorm block by block (one call per image
-# and level): on the CPU, where its fused kernel wins; on a GPU the few ops of
-# normalise_rows, whatever the number of blocks, launch fewer kernels.
+# and level): on the CPU, where its fused kernel wins once the blocks hold
+# BLOCK_ROWS rows on average (below, the calls cost more than they save); on a GPU
+# the few ops of normalise_rows, whatever the number of blocks, launch fewer kernels.
 BLOCK_NORM = {"cpu": True, "cuda": False}
+BLOCK_ROWS = 64
 MIN_PIXELS = 64  # a lone map with fewer pixels per image runs dense: nothing to gain
 # A chunk of pixels holds at most CHUNK_BYTES of working memory (CPU: one GEMM of
 # 4-9 thousand rows runs 10-20% faster than two of half as many; CUDA: few large
@@ -318,20 +322,29 @@ def normalise_rows(rows, segments, num_groups, eps=1e-5):
         return _NormaliseRows.apply(rows, segments, num_groups, eps)
 
 
+def _by_blocks(rows, segments):
+    """Whether group_norm_rows runs block by block (BLOCK_NORM, BLOCK_ROWS)."""
+    blocks = segments.blocks
+    return (blocks is not None and len(rows) > 0 and BLOCK_NORM.get(rows.device.type, False)
+            and len(rows) >= BLOCK_ROWS * sum(n > 0 for n in blocks))
+
+
 def group_norm_rows(rows, segments, num_groups, weight, bias, eps=1e-5, zero_row=False):
     """GroupNorm of pixel rows (N, C), statistics per segment and group. Where the
-    rows come in blocks, one segment each, and BLOCK_NORM allows it, each block is
-    a (1, C, 1, n) channels-last map for PyTorch's own GroupNorm: one fused pass
-    for the statistics and one for the output, 3-5x faster on the CPU than the
-    all-segments-at-once normalise_rows, which runs otherwise (a few ops however
-    many segments, fewer launches on a GPU). An empty set of rows still keeps
+    rows come in blocks, one segment each, and BLOCK_NORM and BLOCK_ROWS allow it,
+    each block is a (1, C, 1, n) channels-last map for PyTorch's own GroupNorm: one
+    fused pass for the statistics and one for the output, 2-3x faster on the CPU
+    at hundreds of rows per block than the all-segments-at-once normalise_rows,
+    which runs otherwise (a few ops however many segments: fewer launches on a
+    GPU, fewer calls for small blocks). An empty set of rows still keeps
     weight and bias in the autograd graph (DDP needs every gradient). `zero_row`:
     one row of zeros more, at the end (what conv_from_rows reads outside the rows),
     made in the same pass as the blocks' concatenation."""
     blocks = segments.blocks
-    if blocks is not None and len(rows) and BLOCK_NORM.get(rows.device.type, False):
+    if _by_blocks(rows, segments):
         C = rows.shape[1]
-        out = [_rows(F.group_norm(r.view(1, 1, n, C).permute(0, 3, 1, 2), num_groups, weight, bias, eps))
+        # torch.group_norm: F.group_norm refuses a block of one value per group in training
+        out = [_rows(torch.group_norm(r.view(1, 1, n, C).permute(0, 3, 1, 2), num_groups, weight, bias, eps))
                for r, n in zip(rows.split(blocks), blocks) if n]
         out = [o.to(rows.dtype) for o in out] + ([rows.new_zeros(1, C)] if zero_row else [])
         return out[0] if len(out) == 1 else torch.cat(out)
@@ -852,7 +865,7 @@ def scale_paths(router, x, cv, tally):
             tally.add(path, cv.path_pixels[i])
         else:
             g = gate[:, i:i + 1]
-            y = y * at.gather(g)
+            y = y.mul_(at.gather(g)) if _in_place() else y * at.gather(g)  # y: this step's own rows
             tally.add(path, cv.path_pixels[i], soft[:, i], counts[i])
             for n in (range(len(cv.regions) - 1) if name == "down" else range(1, len(cv.regions))):
                 tally.record(name, n, cv.region(g, n))
@@ -865,7 +878,7 @@ def group_norm_paths(ys, sets, paths):
     BLOCK_NORM allows it, else the statistics of both in one pass (their segments
     are disjoint), each path's affine after."""
     gns = [path.gn for path in paths]
-    if BLOCK_NORM.get(ys[0].device.type, False):
+    if all(_by_blocks(y, at.segments) for y, at in zip(ys, sets)):
         return [group_norm_rows(y, at.segments, gn.num_groups, gn.weight, gn.bias, gn.eps)
                 for y, at, gn in zip(ys, sets, gns)]
     normed = normalise_rows(torch.cat(ys), sets[0].together, gns[0].num_groups, gns[0].eps)
@@ -906,7 +919,7 @@ def depth_path(router, a, cv, tally):
     y = conv_from_rows(F.relu(y, inplace=True), R1, R2, path.conv2.weight)
     y = group_norm_rows(y, R2.segments, gn2.num_groups, gn2.weight, gn2.bias, gn2.eps)
     if gate is not None:
-        y = y * R2.gather(gate)
+        y = y.mul_(R2.gather(gate)) if _in_place() else y * R2.gather(gate)
     return _Residual.apply(a, y, R2, _in_place())  # Eq. 2: relu(a + gate * block) on M2, relu(a) elsewhere
 
 
@@ -921,11 +934,12 @@ class _Residual(torch.autograd.Function):
     """relu(a + r) for a canvas `a` and rows `r` at the pixels `at` (0 elsewhere):
     the depth path's output. One pass over the canvas; backward is ReLU's, whose
     gradient is a's whole and r's at the pixels `at` (no map of r is made).
-    `in_place`: without autograd, a is overwritten by the output."""
+    `in_place`: without autograd, a is overwritten by the output (and r used up)."""
 
     @staticmethod
     def forward(ctx, a, r, at, in_place):
-        rows = (_rows(a).index_select(0, at.index) + r).clamp_min_(0)
+        a_rows = _rows(a).index_select(0, at.index)
+        rows = (r.add_(a_rows) if in_place else a_rows + r).clamp_min_(0)  # r: rows the head made for this
         if in_place:  # `a` itself returned: a view of its rows could carry odd strides that make convs copy it
             ctx.mark_dirty(a)
             _rows(a).clamp_min_(0).index_copy_(0, at.index, rows)

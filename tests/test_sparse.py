@@ -23,6 +23,7 @@ def dispatch(request, monkeypatch):
     monkeypatch.setattr(sparse, "DENSE_ABOVE", {k: 1.0 if request.param == "gather" else 0.0
                                                 for k in sparse.DENSE_ABOVE})
     monkeypatch.setattr(sparse, "BLOCK_NORM", {k: request.param == "gather" for k in sparse.BLOCK_NORM})
+    monkeypatch.setattr(sparse, "BLOCK_ROWS", 0)
     monkeypatch.setattr(sparse, "MIN_PIXELS", 0)
     return request.param
 
@@ -270,6 +271,7 @@ def test_group_norm_rows_in_blocks_equals_the_formula(monkeypatch, block_norm):
     # rows in blocks of one segment each (one empty): PyTorch's GroupNorm block by block,
     # and the statistics of all segments at once, against the fp64 formula per segment
     monkeypatch.setattr(sparse, "BLOCK_NORM", {"cpu": block_norm})
+    monkeypatch.setattr(sparse, "BLOCK_ROWS", 0)
     g = torch.Generator().manual_seed(1)
     blocks, ids = [40, 0, 25, 7], [2, 0, 3, 1]
     index = torch.cat([torch.full((n,), s) for n, s in zip(blocks, ids)])
