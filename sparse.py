@@ -531,7 +531,9 @@ class Canvas:
         per_level = [(flat == n).nonzero().squeeze(1) for n in range(len(sizes))]
         self.order = torch.cat([p + b * self.H * self.W for b in range(batch) for p in per_level])
         self.order_segment = self.segment.index_select(0, self.order)
-        self.block_ends = torch.tensor([h * w for _ in range(batch) for h, w in sizes], device=device).cumsum(0) - 1
+        # (B * level pixels,) the block (image * L + level) of each position in that order
+        self.order_block = torch.cat([torch.full((h * w,), b * len(sizes) + n, dtype=torch.long)
+                                      for b in range(batch) for n, (h, w) in enumerate(sizes)]).to(device)
         self.deltas = torch.tensor([dy * self.W + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)], device=device)
         self.pixels = [h * w for h, w in sizes]  # per image and level
         # where each path exists: depth everywhere, down below the top, up above the bottom
@@ -556,6 +558,12 @@ class Canvas:
         canvas order: mask i's are offset by i * num_segments, so that the k masks'
         segments are disjoint."""
         return torch.cat([self.order_segment + i * self.num_segments for i in range(k)])
+
+    @functools.lru_cache(maxsize=4)
+    def blocks(self, k):
+        """(k * len(order),) the block of each pixel of k masks taken in the canvas
+        order, mask i's offset by i * B * L."""
+        return torch.cat([self.order_block + i * self.num_segments for i in range(k)])
 
     def within(self, levels):
         """(1, 1, H, W) bool: the pixels of the given levels."""
@@ -754,10 +762,10 @@ def index_masks(masks, canvas):
     i * S + S - 1), so that the rows of several masks can be normalised in one pass."""
     k, P = len(masks), len(canvas.order)
     ordered = torch.stack(masks).reshape(k, -1).index_select(1, canvas.order)  # (k, P): the frame is never on
-    blocks = ordered.cumsum(1).index_select(1, canvas.block_ends)
-    blocks = blocks.diff(dim=1, prepend=blocks.new_zeros(k, 1))  # (k, B * L): rows per image and level
     flat = ordered.reshape(-1).nonzero().squeeze(1)  # sorted by mask, then canvas order
     index = canvas.order.index_select(0, flat % P)
+    blocks = torch.bincount(canvas.blocks(k).index_select(0, flat), minlength=k * canvas.num_segments)
+    blocks = blocks.view(k, -1)  # (k, B * L): rows per image and level
     together = Segments(canvas.segments(k).index_select(0, flat), k * canvas.num_segments)  # all k masks' rows
     sizes = blocks.tolist()  # (k, B * L) rows per block: the one wait for the device
     parts = zip(index.split([sum(b) for b in sizes]), together.index.split([sum(b) for b in sizes]), sizes)
