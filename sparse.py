@@ -520,20 +520,16 @@ class Canvas:
         for n, (y, x, h, w) in enumerate(self.regions):
             level[y:y + h, x:x + w] = n
         self.level = level.to(device)  # (H, W): each pixel's level, -1 on the frame
-        # (B*H*W,) the segment of each pixel for GroupNorm: level * B + image
-        images = torch.arange(batch, device=device)[:, None, None]
-        self.segment = (self.level[None] * batch + images).reshape(-1)
         self.num_segments = len(sizes) * batch
         # (B * level pixels,) the canvas positions of the levels' pixels grouped by
-        # image, then level (row-major within a level): rows indexed in this order
-        # hold each GroupNorm segment as one block (group_norm_rows)
+        # image, then level (row-major within a level), and the GroupNorm segment of
+        # each, image * L + level: rows indexed in this order hold each segment as
+        # one block, the blocks in the order of their segments (group_norm_rows)
         flat = self.level.reshape(-1)
         per_level = [(flat == n).nonzero().squeeze(1) for n in range(len(sizes))]
         self.order = torch.cat([p + b * self.H * self.W for b in range(batch) for p in per_level])
-        self.order_segment = self.segment.index_select(0, self.order)
-        # (B * level pixels,) the block (image * L + level) of each position in that order
-        self.order_block = torch.cat([torch.full((h * w,), b * len(sizes) + n, dtype=torch.long)
-                                      for b in range(batch) for n, (h, w) in enumerate(sizes)]).to(device)
+        self.order_segment = torch.cat([torch.full((h * w,), b * len(sizes) + n, dtype=torch.long)
+                                        for b in range(batch) for n, (h, w) in enumerate(sizes)]).to(device)
         self.deltas = torch.tensor([dy * self.W + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)], device=device)
         self.pixels = [h * w for h, w in sizes]  # per image and level
         # where each path exists: depth everywhere, down below the top, up above the bottom
@@ -558,12 +554,6 @@ class Canvas:
         canvas order: mask i's are offset by i * num_segments, so that the k masks'
         segments are disjoint."""
         return torch.cat([self.order_segment + i * self.num_segments for i in range(k)])
-
-    @functools.lru_cache(maxsize=4)
-    def blocks(self, k):
-        """(k * len(order),) the block of each pixel of k masks taken in the canvas
-        order, mask i's offset by i * B * L."""
-        return torch.cat([self.order_block + i * self.num_segments for i in range(k)])
 
     def within(self, levels):
         """(1, 1, H, W) bool: the pixels of the given levels."""
@@ -764,11 +754,11 @@ def index_masks(masks, canvas):
     ordered = torch.stack(masks).reshape(k, -1).index_select(1, canvas.order)  # (k, P): the frame is never on
     flat = ordered.reshape(-1).nonzero().squeeze(1)  # sorted by mask, then canvas order
     index = canvas.order.index_select(0, flat % P)
-    blocks = torch.bincount(canvas.blocks(k).index_select(0, flat), minlength=k * canvas.num_segments)
-    blocks = blocks.view(k, -1)  # (k, B * L): rows per image and level
     together = Segments(canvas.segments(k).index_select(0, flat), k * canvas.num_segments)  # all k masks' rows
-    sizes = blocks.tolist()  # (k, B * L) rows per block: the one wait for the device
-    parts = zip(index.split([sum(b) for b in sizes]), together.index.split([sum(b) for b in sizes]), sizes)
+    blocks = torch.bincount(together.index, minlength=together.num).view(k, -1)  # (k, B * L): rows per block
+    sizes = blocks.tolist()  # the one wait for the device
+    totals = [sum(b) for b in sizes]
+    parts = zip(index.split(totals), together.index.split(totals), sizes)
     sets = [ActiveRows(i, canvas, Segments(s, together.num, together, b), together) for i, s, b in parts]
     return sets, blocks.view(k, canvas.B, -1).sum(2)
 
@@ -882,9 +872,9 @@ def scale_paths(router, x, cv, tally):
 
 
 def group_norm_paths(ys, sets, paths):
-    """The GroupNorms of the down and up paths' rows: block by block where
-    BLOCK_NORM allows it, else the statistics of both in one pass (their segments
-    are disjoint), each path's affine after."""
+    """The GroupNorms of the down and up paths' rows: block by block where both
+    may (_by_blocks), else the statistics of both in one pass (their segments are
+    disjoint), each path's affine after."""
     gns = [path.gn for path in paths]
     if all(_by_blocks(y, at.segments) for y, at in zip(ys, sets)):
         return [group_norm_rows(y, at.segments, gn.num_groups, gn.weight, gn.bias, gn.eps)

@@ -292,6 +292,19 @@ def test_group_norm_rows_in_blocks_equals_the_formula(monkeypatch, block_norm):
         assert_close(got.double(), want, 1e-5)
 
 
+def test_group_norm_rows_of_one_value_per_group_train(monkeypatch):
+    # a one-pixel level with as many groups as channels: each value is its group's
+    # mean, so the output is the bias, and no gradient reaches the rows
+    monkeypatch.setattr(sparse, "BLOCK_ROWS", 0)
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(3, 8, generator=g).requires_grad_()
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    y = sparse.group_norm_rows(rows, sparse.Segments(torch.tensor([0, 1, 1]), 2, blocks=[1, 2]), 8, w, b)
+    # x - mean rounds to ~1e-7 of x, then is divided by sqrt(eps) ~ 3e-3: fp32 gives ~1e-5
+    assert_close(y[0], b, 1e-4)
+    assert torch.autograd.grad(y[0].sum(), rows)[0].abs().max() < 1e-4
+
+
 # -- the canvas ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sizes", [SIZES, [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)], [(5, 40), (3, 20)]])
@@ -334,16 +347,18 @@ def test_index_masks_gives_each_segment_one_block():
     cv = sparse.Canvas(SIZES, 2, torch.device("cpu"))
     masks = [random_masks((2, cv.H, cv.W), d, seed) & (cv.level >= 0) for seed, d in ((0, 0.4), (1, 0.7))]
     sets, counts = sparse.index_masks(masks, cv)
-    for mask, at, count in zip(masks, sets, counts):
+    for i, (mask, at, count) in enumerate(zip(masks, sets, counts)):
         assert sorted(at.index.tolist()) == mask.reshape(-1).nonzero().squeeze(1).tolist()
         assert count.tolist() == mask.reshape(2, -1).sum(1).tolist()
-        segment = cv.segment.index_select(0, at.index)
-        assert at.segments.index.remainder(cv.num_segments).tolist() == segment.tolist()
+        image, position = at.index // (cv.H * cv.W), at.index % (cv.H * cv.W)
+        level = cv.level.reshape(-1)[position]
+        segment = i * cv.num_segments + image * len(SIZES) + level  # mask i's segments after the masks' before it
+        assert at.segments.index.tolist() == segment.tolist()
         want, start = [], 0
         for b in range(2):
             for n in range(len(SIZES)):
                 want.append(int(cv.region(mask[:, None], n)[b].sum()))
-                assert (segment[start:start + want[-1]] == n * 2 + b).all()
+                assert (image[start:start + want[-1]] == b).all() and (level[start:start + want[-1]] == n).all()
                 start += want[-1]
         assert at.segments.blocks == want
 
