@@ -141,7 +141,7 @@ OVERFIT = textwrap.dedent("""
         img[:, y1:y2, x1:x2] = colours[j][:, None, None]
     target = {"boxes": boxes, "labels": torch.tensor([0, 1, 2])}
     result = {}
-    for lam, steps in ((0.4, 200), (0.0, 60)):  # without the budget: to step 60, compared there
+    for lam, steps in ((0.4, 120), (0.0, 60)):  # without the budget: to step 60, compared there
         torch.manual_seed(0)
         model = retinanet.RetinaNet(3, backbone="resnet18", head="dynamic", depth=2, lam=lam,
                                     pretrained_backbone=False, min_size=192, max_size=192, channels=64)
@@ -168,7 +168,7 @@ OVERFIT = textwrap.dedent("""
 
 
 def test_retinanet_with_dynhead_alone_overfits_one_image(tmp_path):
-    # resnet18 from scratch, D2 towers, 200 Adam steps at 1e-3 on one 192x192 image with
+    # resnet18 from scratch, D2 towers, 120 Adam steps at 1e-3 on one 192x192 image with
     # a box for each of P3's, P4's and P5's anchors; in an empty folder but for dynhead.py
     for name in ("retinanet.py", "dynhead.py"):
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)

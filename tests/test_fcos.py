@@ -242,7 +242,7 @@ def scene():
     return img, {"boxes": boxes, "labels": torch.tensor([0, 1, 2])}
 
 
-def overfit(head, lam, steps=200):
+def overfit(head, lam, steps=120):  # both heads find all three boxes from step ~80-100
     torch.manual_seed(0)
     img, target = scene()
     model = FCOS(3, backbone="resnet18", head=head, depth=2, lam=lam, pretrained_backbone=False,
