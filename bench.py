@@ -327,15 +327,16 @@ class OpCount(TorchDispatchMode):
 @contextlib.contextmanager
 def gpu_dispatch_rule():
     """sparse.py on the CPU as it runs on a GPU: every conv dense, the gate convs too,
-    the GroupNorms' statistics of all segments at once."""
-    saved = sparse.DENSE_ABOVE, sparse.gate_conv2d, sparse.BLOCK_NORM
+    the GroupNorms' statistics of all segments at once, the gates' 3x3 max one pool."""
+    saved = sparse.DENSE_ABOVE, sparse.gate_conv2d, sparse.BLOCK_NORM, sparse.max3x3
     sparse.DENSE_ABOVE = {k: 0.0 for k in sparse.DENSE_ABOVE}
     sparse.gate_conv2d = lambda x, w, b: F.conv2d(x, w, b, padding=1)
     sparse.BLOCK_NORM = {k: False for k in sparse.BLOCK_NORM}
+    sparse.max3x3 = lambda gate: F.max_pool2d(gate, 3, 1, 1)
     try:
         yield
     finally:
-        sparse.DENSE_ABOVE, sparse.gate_conv2d, sparse.BLOCK_NORM = saved
+        sparse.DENSE_ABOVE, sparse.gate_conv2d, sparse.BLOCK_NORM, sparse.max3x3 = saved
 
 
 def count_ops(gated, train, channels=64, batch=2):

@@ -205,6 +205,19 @@ def test_gate_conv_equals_conv2d(paths):
         assert_close(got, want, 1e-12)
 
 
+
+def test_max3x3_equals_max_pool():
+    # values and gradients against max_pool2d, with a ReLU-like gate (zeros, ties
+    # among them) on a channels_last map, as the head's gates come
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, 5, 7, 1, generator=g, dtype=torch.float64).permute(0, 3, 1, 2).requires_grad_()
+    gate = F.relu(v)
+    y, ref = sparse.max3x3(gate), F.max_pool2d(gate, 3, 1, 1)
+    assert torch.equal(y, ref)
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)  # a gradient from above
+    got, want = (torch.autograd.grad((m * w).sum(), v, retain_graph=True)[0] for m in (y, ref))
+    assert_close(got, want, 1e-12)
+
 @pytest.mark.parametrize("call,match", [
     (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 5, 5, dtype=torch.bool), w), r"mask must be \(B, H, W\)"),
     (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 6, 6), w), "bool"),
