@@ -251,8 +251,8 @@ def overfit(head, lam, steps=120):  # both heads find all three boxes from step 
     history = []
     for step in range(steps):
         loss = sum(model([img], [target]).values())
-        if step == 59:
-            model.ratio_at_60 = model.head_mac_ratio.item()  # executed / full head MACs of this forward
+        if step == 19:
+            model.ratio_at_20 = model.head_mac_ratio.item()  # executed / full head MACs of this forward
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -288,15 +288,16 @@ def test_fixed_head_trains():
 
 
 def test_budget_lowers_executed_macs(trained):
-    # the same run without the budget, to step 60: there the budget has switched half
-    # the head's MACs off; and the trained model keeps few of them
+    # the same run without the budget, to step 20: there the budget keeps on less than
+    # half of the head's MACs that the task alone keeps on (about a third, on this
+    # scene); and the trained model keeps fewer still
     dynamic, _ = trained["dynamic"]
-    no_budget, _ = overfit("dynamic", 0.0, steps=60)
-    assert dynamic.ratio_at_60 < 0.5 * no_budget.ratio_at_60
+    no_budget, _ = overfit("dynamic", 0.0, steps=20)
+    assert dynamic.ratio_at_20 < 0.5 * no_budget.ratio_at_20
     img, _ = scene()
     with torch.no_grad():
         out = dynamic([img])[0]
-    assert out["head_macs"] / out["head_macs_full"] < 0.5 * no_budget.ratio_at_60
+    assert out["head_macs"] / out["head_macs_full"] < 0.5 * no_budget.ratio_at_20
 
 
 def test_batch_equals_single_images(trained):
