@@ -43,6 +43,7 @@ Map:
     ActiveSet, masked_conv2d,   one masked conv (or GroupNorm) on a map of its own
       masked_group_norm
     gate_conv2d                 the gates' dense 3x3 conv C -> 1-2, fast on the CPU
+    max3x3                      the depth gate over conv1's field (Eq. 4), fast on the CPU
     Canvas, ActiveRows          the packed pyramid and its active pixels
     _ScaleConvs, _Aggregate,    the router's steps on the canvas
       _Residual

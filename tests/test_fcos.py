@@ -288,9 +288,9 @@ def test_fixed_head_trains():
 
 
 def test_budget_lowers_executed_macs(trained):
-    # the same run without the budget, to step 20: there the budget keeps on less than
-    # half of the head's MACs that the task alone keeps on (about a third, on this
-    # scene); and the trained model keeps fewer still
+    # the same run without the budget, to step 20: there the run with the budget keeps
+    # under half the head's MACs on that the run without it keeps on (about a third on
+    # this scene); and the trained model keeps fewer still
     dynamic, _ = trained["dynamic"]
     no_budget, _ = overfit("dynamic", 0.0, steps=20)
     assert dynamic.ratio_at_20 < 0.5 * no_budget.ratio_at_20

@@ -205,7 +205,6 @@ def test_gate_conv_equals_conv2d(paths):
         assert_close(got, want, 1e-12)
 
 
-
 def test_max3x3_equals_max_pool():
     # values and gradients against max_pool2d, with a ReLU-like gate (zeros, ties
     # among them) on a channels_last map, as the head's gates come
@@ -217,6 +216,7 @@ def test_max3x3_equals_max_pool():
     w = torch.randn(ref.shape, generator=g, dtype=torch.float64)  # a gradient from above
     got, want = (torch.autograd.grad((m * w).sum(), v, retain_graph=True)[0] for m in (y, ref))
     assert_close(got, want, 1e-12)
+
 
 @pytest.mark.parametrize("call,match", [
     (lambda x, w: sparse.masked_conv2d(x, torch.ones(2, 5, 5, dtype=torch.bool), w), r"mask must be \(B, H, W\)"),
