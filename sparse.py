@@ -28,10 +28,11 @@ ordered by image and level, so that the GroupNorm statistics of each (image,
 level) are those of one block of rows. The depth path stays in rows of active
 pixels from conv1 to conv2, its gate and residual are applied on those rows
 only, and everything else runs on whole canvases. On the CPU one pass over a
-256-channel canvas takes 2-6 ms, the time of a conv's GEMM at several hundred
-pixels, so the head makes as few as it can: no canvas filled with zeros for a few
-rows, the up path's depthwise conv only on the part of the canvas that has the
-path, and without autograd each step overwriting the canvas it reads.
+256-channel canvas takes 1-6 ms with the machine's load, the time of a conv's
+GEMM at hundreds of pixels, so the head makes as few as it can: no canvas filled
+with zeros for a few rows, the up path's depthwise conv only on the part of the
+canvas that has the path, and without autograd each step overwriting the canvas
+it reads.
 
 Where gathering loses to the dense conv (high density, tiny maps, every conv on a
 GPU: see BENCHMARKS.md) the dense conv runs and is masked; same numbers either way.
@@ -605,7 +606,7 @@ def _lent_zeros(B, H, W, rows, index):
     """A zero (B, C, H, W) map, channels_last, holding `rows` (N, C) at the flat
     positions `index` for the duration of the `with`: lent from a buffer kept per
     device, dtype and width, whose rows are zeroed again on leaving, so that a whole
-    map (a pass over memory, 6-9 ms for a 256-channel canvas on the CPU) is not
+    map (a pass over memory, 2-9 ms for a 256-channel canvas on the CPU) is not
     filled with zeros for a few thousand rows. One buffer, the largest map asked
     for, serves every size."""
     key, n = (rows.device, rows.dtype, rows.shape[1]), B * H * W * rows.shape[1]
