@@ -697,13 +697,19 @@ class _Aggregate(torch.autograd.Function):
         g_down, g_up = ctx.sets["down"].gather(grads["down"]), ctx.sets["up"].gather(grads["up"])
         grad_alpha = None
         if not ctx.fixed:
-            dot = lambda a, b: torch.dot(a.reshape(-1), b.reshape(-1))  # einsum would copy a transpose
-            grad_alpha = (dot(g_down, down) + dot(g_up, up)).reshape(1)
+            # under autocast an ungated scale path's rows (Tab. 3's depth-only row) may be
+            # bf16 while the gradient is fp32: each dot in the promoted dtype
+            grad_alpha = (_dot(g_down, down) + _dot(g_up, up)).reshape(alpha.shape).to(alpha.dtype)
             g_down, g_up = g_down * alpha, g_up * alpha
-        dtype = torch.promote_types(grad.dtype, x.dtype)  # under autocast x may be bf16, a (and grad) fp32
-        grad_beta = torch.dot(_rows(grad).reshape(-1).to(dtype), _rows(x).reshape(-1).to(dtype))  # no temporary map
-        grad_beta = grad_beta.reshape(beta.shape).to(beta.dtype)
+        # under autocast x may be bf16, a (and grad) fp32; the rows' dot needs no temporary map
+        grad_beta = _dot(_rows(grad), _rows(x)).reshape(beta.shape).to(beta.dtype)
         return None, grad * beta, g_down, None, g_up, None, grad_alpha, grad_beta, None
+
+
+def _dot(a, b):
+    """<a, b> over all elements, in the dtype both promote to (einsum would copy a transpose)."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype))
 
 
 def _moves(cv):

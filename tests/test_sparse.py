@@ -425,6 +425,29 @@ def test_head_sparse_equals_dense(dispatch, kw, device):
                 assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6))
 
 
+@pytest.mark.parametrize("kw", [{}, {"gated": ("depth",)}, {"gated": ("scale",)}, {"coarse": True},
+                                {"activation": "softmax"}, {"activation": "restricted_tanh"}])
+def test_head_under_bf16_autocast_trains_as_the_fp32_reference(kw):
+    # every gating of Tab. 1-3 through a backward under bf16 autocast (the depth-only
+    # row once met fp32 gradients against bf16 rows there); the outputs as near the
+    # fp32 reference as the reference's own bf16 run is, the whole gradient within
+    # bf16's reach of it (a missing or wrong term would be off by its own size, ~1)
+    head = partly_off_head("cpu", **kw)
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(2, 16, h, w, generator=g).requires_grad_() for h, w in SIZES]
+    runs = {}
+    for name, dense, amp in (("fp32", True, False), ("reference bf16", True, True), ("sparse bf16", False, True)):
+        head.dense = dense
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = head(feats)
+            loss = sum((o.float() * torch.linspace(0, 1, o.shape[-1])).pow(2).mean() for o in out)
+        grad = torch.autograd.grad(loss + head.cost.soft.mean(), list(head.parameters()) + feats)
+        runs[name] = [torch.cat([t.detach().float().flatten() for t in ts]) for ts in (out, grad)]
+    error = lambda name, k: ((runs[name][k] - runs["fp32"][k]).norm() / runs["fp32"][k].norm()).item()
+    assert error("sparse bf16", 0) <= 1.5 * error("reference bf16", 0) + 1e-3
+    assert error("sparse bf16", 1) < 0.15 and error("reference bf16", 1) < 0.15
+
+
 @pytest.mark.parametrize("kw", [{}, {"gated": ("scale",)}])
 @pytest.mark.parametrize("device", DEVICES)
 def test_head_without_autograd_equals_dense_and_leaves_its_inputs(dispatch, kw, device):
