@@ -1,41 +1,39 @@
 """
-Data for training and evaluating FCOS with the dynamic head: COCO through
-pycocotools, a deterministic sampler that shards the data across ranks and
-resumes exactly, and a built-in synthetic dataset in the COCO layout.
+Data for training and evaluating FCOS with the dynamic head: COCO-format
+datasets through pycocotools, checked entry by entry and file by file before a
+run starts; a deterministic sampler that shards the data across ranks and
+resumes exactly; and a built-in synthetic dataset in the COCO layout.
 
 Map:
-    RunError             a problem the user can act on (printed without a traceback)
-    setup_distributed    the process group from torchrun's environment (train and eval)
     read_image           any image file -> (3, H, W) float in [0, 1], 16-bit grey included
-    read_checkpoint      a checkpoint of train.py, checked (train.py's --resume and eval.py)
-    CocoDetection        images + instances JSON, checked at load -> (image, target)
+    CocoDetection        images + instances JSON -> (image, target); check_images
+                         reads every image's header before a run uses them
+    check_annotations    an instances JSON, every entry checked
     TrainBatches         infinite, seeded, sharded per rank, aspect-ratio grouped
-    make_loader          the DataLoader around them
+    make_loader          the DataLoader around them (eval_loader: one image per batch)
     make_synthetic       writes a synthetic COCO-format dataset (JPEGs + JSON)
-    atomic_write         a file appears whole or not at all (checkpoints too)
 """
 import atexit
+import concurrent.futures
 import contextlib
-import datetime
-import errno
 import json
 import math
 import multiprocessing
+import numbers
 import os
-import re
 import signal
-import sys
 import warnings
 
 import numpy as np
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+
+from runs import RunError, atomic_write
 
 LAYOUT = """expected layout:
     {root}/annotations/instances_train{year}.json
@@ -45,44 +43,6 @@ LAYOUT = """expected layout:
 {source}"""
 SOURCES = {"2017": "(COCO 2017 from https://cocodataset.org/#download)",
            "": "(the synthetic set: delete the folder and train.py --data synthetic writes it anew)"}
-
-
-class RunError(Exception):
-    """A problem the user can act on: its message names the file or flag and the
-    fix, and the scripts print it without a traceback."""
-
-
-def run_cli(main):
-    """Run a script's main; a RunError or Ctrl-C ends it with its message alone."""
-    try:
-        return main()
-    except RunError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-# -----------------------------------------------------------------------------
-# Processes: torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), else one process
-
-def setup_distributed(device, timeout_minutes=10):
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on the CPU);
-    each rank then reads its own shard of the data. A collective that waits longer
-    than `timeout_minutes` (a rank that hangs) fails the run rather than blocking
-    the others for torch's default 30 minutes. Returns rank, world, master,
-    distributed and the device of this process (its own GPU under torchrun)."""
-    distributed = "RANK" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    device = torch.device(device)
-    if device.type == "cuda" and distributed:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
-    return dict(rank=rank, world=world, master=rank == 0, distributed=distributed, device=device)
 
 
 # -----------------------------------------------------------------------------
@@ -154,6 +114,30 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ids)
 
+    def check_images(self, rank=0, world=1, threads=16):
+        """Every image this dataset will read (this rank's strided share of them),
+        checked by its header: image_problem's findings as (file, problem) pairs."""
+        infos = [self.coco.imgs[i] for i in self.ids[rank::world]]
+        paths = [os.path.join(self.image_dir, info["file_name"]) for info in infos]
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # file system latency, not CPU
+            found = pool.map(image_problem, paths, [i["width"] for i in infos], [i["height"] for i in infos])
+            return [(f"{path} (image id {info['id']})", problem)
+                    for path, info, problem in zip(paths, infos, found) if problem]
+
+    def raise_image_problems(self, found):
+        problems = Problems(self.image_dir)
+        for name, problem in found:
+            problems.add(f"{name}: {problem}")
+        problems.raise_if_any(f"restore or replace these files, or correct (or remove) their entries in "
+                              f"{self.coco_file}", total=len(self.ids))
+
+    def check_evaluable(self):
+        """COCO's AP needs ground truth: a split without a single box would score -1."""
+        if not any(not a.get("iscrowd", 0) for a in self.coco.dataset["annotations"]):
+            raise RunError(f"{self.coco_file} has no annotated boxes, so COCO's AP cannot be computed on it; "
+                           f"evaluate on a split with annotations (to run a model on images alone: "
+                           f"eval.py --checkpoint ... --images FOLDER)")
+
     def aspect_group(self, index):
         info = self.coco.imgs[self.ids[index]]
         return int(info["width"] >= info["height"])  # landscape or portrait
@@ -176,15 +160,21 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 def check_annotations(ann_file):
-    """An instances JSON, checked: it parses, lists images and categories, every
-    annotation names a listed image and category. Boxes of zero or negative size
-    are dropped and boxes beyond their image clipped to it (dropped when entirely
-    outside), counted and reported once. Returns the (mended) dataset dict."""
+    """An instances JSON, checked entry by entry: it parses; it lists images (each
+    with an id, a file_name, and a width and height in pixels, the ids unique) and
+    categories (an id and a name each); every annotation names a listed image and
+    category and has a bbox of four finite numbers. What is malformed is refused in
+    one message naming the first entries at fault and the fix. Boxes of zero or
+    negative size are dropped and boxes beyond their image clipped to it (dropped
+    when entirely outside), counted and reported once: COCO itself has a few.
+    Returns the (mended) dataset dict."""
     try:
-        with open(ann_file) as f:
-            dataset = json.load(f)
-    except json.JSONDecodeError as error:
+        with open(ann_file, "rb") as f:
+            dataset = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RunError(f"{ann_file} is not valid JSON: {error}") from error
+    except OSError as error:
+        raise RunError(f"{ann_file} cannot be read: {error}") from error
     if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list) or \
             not isinstance(dataset.get("annotations", []), list) or not isinstance(dataset.get("categories"), list):
         raise RunError(f"{ann_file} is not a COCO instances file: expected a dict with lists 'images', "
@@ -193,17 +183,51 @@ def check_annotations(ann_file):
         raise RunError(f"{ann_file} lists no images")
     if not dataset["categories"]:
         raise RunError(f"{ann_file} lists no categories")
-    categories = {c["id"] for c in dataset["categories"]}
-    images = {i["id"]: i for i in dataset["images"]}
+    problems = Problems(ann_file)
+    images, categories = {}, {}
+    # an entry at fault is still listed under its id where it has one: the annotations
+    # that name it are not reported again
+    for n, c in enumerate(dataset["categories"]):
+        key = c.get("id") if isinstance(c, dict) and _is_id(c.get("id")) else None
+        if key in categories:
+            problems.add(f"categories[{n}]: id {key} appears twice")
+            continue
+        if key is None or not isinstance(c.get("name"), str):
+            problems.add(f"categories[{n}] = {_short(c)}: expected {{'id': an integer, 'name': a string}}")
+        if key is not None:
+            categories[key] = c
+    for n, image in enumerate(dataset["images"]):
+        key = image.get("id") if isinstance(image, dict) and _is_id(image.get("id")) else None
+        if key in images:
+            problems.add(f"images[{n}] ({image.get('file_name')}): id {key} appears twice")
+            continue
+        bad = key is None or not isinstance(image.get("file_name"), str) or not image["file_name"] or \
+            not all(_is_size(image.get(k)) for k in ("width", "height"))
+        if bad:
+            problems.add(f"images[{n}] = {_short(image)}: expected an integer id, a file_name, and a width and "
+                         f"height above 0 (the image's size in pixels)")
+        if key is not None:
+            images[key] = None if bad else image  # None: its annotations are skipped, not reported
     kept, degenerate, clipped, outside = [], 0, 0, 0
-    for a in dataset.get("annotations", []):
+    for n, a in enumerate(dataset.get("annotations", [])):
+        if not isinstance(a, dict):
+            problems.add(f"annotations[{n}] = {_short(a)}: expected a dict with image_id, category_id and bbox")
+            continue
+        name = f"annotations[{n}] (id {a.get('id')}, image {a.get('image_id')})"
         if a.get("category_id") not in categories:
-            raise RunError(f"{ann_file}: annotation {a.get('id')} (image {a.get('image_id')}) has category_id "
-                           f"{a.get('category_id')!r}, not among the categories {sorted(categories)}")
+            problems.add(f"{name} has category_id {a.get('category_id')!r}, not among the categories "
+                         f"{sorted(categories)[:20]}")
+            continue
         if a.get("image_id") not in images:
-            raise RunError(f"{ann_file}: annotation {a.get('id')} is of image {a.get('image_id')!r}, which the file "
-                           f"does not list")
-        x, y, w, h = a["bbox"]
+            problems.add(f"{name} is of image {a.get('image_id')!r}, which the file does not list")
+            continue
+        if images[a["image_id"]] is None:  # an image entry at fault, reported above
+            continue
+        box = a.get("bbox")
+        if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_is_finite(v) for v in box):
+            problems.add(f"{name} has bbox {_short(box)}: expected [x, y, width, height], four finite numbers")
+            continue
+        x, y, w, h = box
         if w <= 0 or h <= 0:
             degenerate += 1
             continue
@@ -217,10 +241,66 @@ def check_annotations(ann_file):
             clipped += 1
             a = {**a, "bbox": [x1, y1, x2 - x1, y2 - y1]}
         kept.append(a)
+    problems.raise_if_any(f"correct these entries of {ann_file} (or remove them)")
     if degenerate or clipped or outside:
         warnings.warn(f"{ann_file}: {degenerate} box(es) of zero or negative size and {outside} entirely outside "
                       f"their image dropped; {clipped} reaching beyond their image clipped to it", stacklevel=2)
     return {**dataset, "annotations": kept}
+
+
+class Problems:
+    """What is wrong with a file's entries, gathered so that one message names the
+    first few and counts the rest."""
+    SHOWN = 5
+
+    def __init__(self, source):
+        self.source, self.found = source, []
+
+    def add(self, problem):
+        self.found.append(problem)
+
+    def raise_if_any(self, fix, total=None):
+        if self.found:
+            more = len(self.found) - self.SHOWN
+            lines = "\n  ".join(self.found[:self.SHOWN] + ([f"... and {more} more"] if more > 0 else []))
+            raise RunError(f"{self.source}: {len(self.found)} entr{'y' if len(self.found) == 1 else 'ies'}"
+                           f"{f' of {total}' if total else ''} cannot be used:\n  {lines}\n{fix}")
+
+
+def _is_id(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_size(v):
+    return _is_id(v) and v > 0
+
+
+def _is_finite(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _short(value, width=80):
+    text = json.dumps(value, default=str)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def image_problem(path, width, height):
+    """Why an image file named in the annotations cannot be used, or None: it is
+    missing, its header does not read, its pixels are a kind read_image refuses, or
+    its size differs from the annotations' (whose boxes would then be clipped to
+    the wrong size, or found outside). Reads the header only (fast)."""
+    try:
+        with Image.open(path) as f:
+            size, mode = f.size, f.mode
+    except FileNotFoundError:
+        return "no such file"
+    except Exception as error:  # PIL's UnidentifiedImageError, a folder, permissions, ...
+        return f"cannot be read as an image ({type(error).__name__}: {str(error)[:120]})"
+    if mode == "F":
+        return "is a 32-bit float image (mode F), which has no range to read it in; save it as 8- or 16-bit"
+    if size != (width, height):
+        return f"is {size[0]}x{size[1]} pixels, but the annotations say {width}x{height}"
+    return None
 
 
 def coco_paths(root, split):
@@ -379,96 +459,6 @@ def make_synthetic(root, num_train=600, num_val=100, seed=0, size=(320, 416)):
         os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
         atomic_write(os.path.join(root, "annotations", f"instances_{split}.json"),
                      lambda f: json.dump({"images": images, "annotations": annotations, "categories": categories}, f))
-
-
-CHECKPOINT_KEYS = ("model", "args", "iteration")
-
-
-def read_checkpoint(path):
-    """A checkpoint that train.py wrote, checked: it exists, is complete, holds
-    nothing but tensors and plain values (torch.load's weights_only, so that a
-    file with code in it is refused), and has this trainer's keys. Raises a
-    RunError that names the file and what is wrong with it."""
-    if not os.path.isfile(path):
-        raise RunError(f"{path}: no such checkpoint file")
-    if os.path.getsize(path) == 0:
-        raise RunError(f"{path} is empty (a save that never finished)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        if "Unsupported global" in str(error) or "Unsupported operand" in str(error):
-            raise RunError(f"{path} holds objects that a checkpoint of train.py does not (torch.load refused "
-                           f"them: {str(error).splitlines()[-1][:200]}); load only files you trust") from error
-        raise RunError(f"{path} is truncated or corrupt ({type(error).__name__}: "
-                       f"{str(error).splitlines()[0][:200] if str(error) else 'no message'})") from error
-    if not isinstance(checkpoint, dict) or not all(k in checkpoint for k in CHECKPOINT_KEYS):
-        held = sorted(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise RunError(f"{path} is not a checkpoint of train.py (it holds {held}); pass a model_NNNNNNN.pth or "
-                       f"model_final.pth that train.py wrote")
-    return checkpoint
-
-
-def check_classes(checkpoint, path, dataset, ann_file):
-    """The classes a checkpoint was trained on against a dataset's."""
-    saved = checkpoint.get("classes")
-    if saved is not None and list(saved) != list(dataset.class_names):
-        raise RunError(f"{path} was trained on {len(saved)} classes {list(saved)}, but {ann_file} has "
-                       f"{len(dataset.class_names)} classes {dataset.class_names}; use the dataset it was trained "
-                       f"on (--data, --data-root)")
-
-
-def atomic_write(path, write, mode="w"):
-    """Write a file under a temporary name of this process's, then rename it into
-    place: a reader never sees a half-written file -- not after a crash (the data
-    is on disk before the rename), nor while another process writes the same file
-    at once. On any failure the temporary file goes, and a full disk says so."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if _disk_full(error):
-            before = "the file there before is intact" if os.path.exists(path) else "nothing was written"
-            raise RunError(f"no space left on device while writing {path}; {before}") from error
-        raise
-
-
-def _disk_full(error):
-    """Whether an exception, or one it was raised from (torch.save wraps the OSError
-    in a RuntimeError of its own), is ENOSPC."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def remove_stale_temporaries(folder):
-    """Remove the temporary files (NAME.tmpPID) that atomic_write left in `folder`
-    when its process was killed mid-write; those of running processes stay."""
-    removed = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        match = re.fullmatch(r".+\.tmp(\d+)", name)
-        if match and not pid_alive(int(match.group(1))):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, name))
-                removed.append(name)
-    return removed
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _visible(objects, size):

@@ -7,21 +7,29 @@ train.py in its own folder, then a table of this code's results beside the paper
     python experiments.py tab2 --dry-run                                 # the commands, not run
     python experiments.py tab3 --data synthetic -- --max-iter 100        # flags for every run
 
-A finished run (its eval_results.json written) is skipped, an interrupted one
-resumes (train.py --resume), a failed one is reported and the others go on. Then
-OUTPUT_DIR/<table>.md holds, per row, the paper's mAP and FLOPs beside this code's
-AP, AP50 and head GFLOPs (average, min, max); for fig5 also fig5.png (with
-matplotlib, if installed).
+Every row's command is checked by train.py's own parser before the first run
+starts. A finished run (its eval_results.json written) is skipped, an interrupted
+one resumes where it stopped (train.py --resume: its training, or its final
+evaluation), a failed one is reported and the others go on; a run stopped by
+Ctrl-C or SIGTERM stops the table too (exit code 130 or 143; run the command again
+to go on). Then OUTPUT_DIR/<table>.md holds, per row, the paper's mAP and FLOPs
+beside this code's AP, AP50 and head GFLOPs (average, min, max); for fig5 also
+fig5.png (with matplotlib, if installed).
 
-Map: Row, TABLES (the rows and the paper's numbers) -> run_row -> write_table, plot_fig5
+Map: Row, TABLES (the rows and the paper's numbers) -> check_rows -> run_row ->
+write_table, plot_fig5
 """
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from typing import NamedTuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class Row(NamedTuple):
@@ -53,7 +61,7 @@ TABLES = {
         Row("tau_2.0", ("--tau", "2.0", "--lam", "0") + D8, 41.8),
     ],
     "tab3": [  # which path types are gated; every router keeps all three paths
-        Row("gated_neither", ("--gated", "--lam", "0") + D8, None, "512.5 total"),
+        Row("gated_neither", ("--gated",) + D8, None, "512.5 total"),
         Row("gated_scale", ("--gated", "scale", "--lam", "0") + D8, None, "512.0 total"),
         Row("gated_depth", ("--gated", "depth", "--lam", "0") + D8, None, "476.0 total"),
         Row("gated_both", ("--gated", "depth", "scale", "--lam", "0") + D8, None, "446.6 total"),
@@ -97,27 +105,78 @@ def folder_of(row, args):
 
 def command(row, args, extra):
     """The train.py command of a row: the launcher, the row's flags, the flags given
-    after --, and --resume (a folder with no checkpoint yet starts fresh)."""
+    after --, and --resume (a folder with no checkpoint yet starts fresh). Runs in
+    the caller's working directory: relative paths mean what they mean there."""
     folder = folder_of(row, args)
-    return shlex.split(args.launcher) + ["train.py", "--data", args.data, *row.flags, *extra,
-                                         "--output-dir", folder, "--resume"], folder
+    script = os.path.relpath(os.path.join(HERE, "train.py"))  # "train.py" where this file lies
+    return shlex.split(args.launcher) + [script, *train_flags(row, args, extra)], folder
+
+
+def train_flags(row, args, extra):
+    return ["--data", args.data, *row.flags, *extra, "--output-dir", folder_of(row, args), "--resume"]
+
+
+def overridden(row, extra):
+    """The row's own flags that the flags after -- replace (the later flag wins)."""
+    given = {f for f in extra if f.startswith("--")}
+    return [f for f in row.flags if f.startswith("--") and f in given]
+
+
+def check_rows(rows, args, extra):
+    """Every row's train.py flags through train.py's own parser, before any run
+    starts: a bad flag after -- is found now, not after hours of the first rows.
+    Flags after -- that replace a row's own are said; where they make two rows the
+    same run, the table would claim what was not run, so it is refused. Returns
+    what is wrong, or None."""
+    import train  # its parser; imported here, for torch loads slowly and --dry-run is quick without it
+    seen = {}
+    for row in rows:
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                config = vars(train.get_args(train_flags(row, args, extra)))
+        except SystemExit:  # argparse printed what is wrong
+            return f"row {row.name}: train.py refuses its flags (above): {shlex.join(train_flags(row, args, extra))}"
+        same = seen.get(repr(sorted((k, v) for k, v in config.items() if k != "output_dir")))
+        if same is not None:
+            return (f"rows {same} and {row.name} are the same run once the flags after -- ({shlex.join(extra)}) "
+                    f"replace their own ({', '.join(overridden(row, extra))}): the table would show two rows of one "
+                    f"configuration; leave those flags out")
+        seen[repr(sorted((k, v) for k, v in config.items() if k != "output_dir"))] = row.name
+        if overridden(row, extra):
+            print(f"note: row {row.name}: flags after -- replace its own {', '.join(overridden(row, extra))}")
+    return None
 
 
 def run_row(row, args, extra):
-    """Train and evaluate one row, unless its results exist. Returns its status."""
+    """Train and evaluate one row, unless its results exist. Returns its status and
+    the run's exit code. A Ctrl-C reaches the run as well (one process group) and a
+    SIGTERM to this process is passed on to it: the run saves, exits 130 or 143, and
+    this table stops with it."""
     cmd, folder = command(row, args, extra)
     if os.path.exists(os.path.join(folder, "eval_results.json")):
         print(f"{row.name}: finished, skipped")
-        return "done"
+        return "done", 0
     os.makedirs(folder, exist_ok=True)
     print(f"{row.name}: {shlex.join(cmd)}", flush=True)
     with open(os.path.join(folder, "log.txt"), "a") as log:
-        code = subprocess.call(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=log,
-                               stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        previous = signal.signal(signal.SIGTERM, lambda s, f: proc.send_signal(signal.SIGTERM))
+        try:
+            try:
+                code = proc.wait()
+            except KeyboardInterrupt:  # the run got the same Ctrl-C: wait while it saves
+                code = proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        print(f"{row.name}: stopped by signal {code - 128} (exit code {code}); its checkpoint is saved: run this "
+              f"command again to go on", flush=True)
+        return f"stopped ({code})", code
     if code or not os.path.exists(os.path.join(folder, "eval_results.json")):
-        print(f"{row.name}: FAILED (exit code {code}); see {os.path.join(folder, 'log.txt')}", flush=True)
-        return f"failed ({code})"
-    return "done"
+        why = f"exit code {code}" if code else f"exit code 0, but no eval_results.json in {folder}"
+        print(f"{row.name}: FAILED ({why}); see {os.path.join(folder, 'log.txt')}", flush=True)
+        return f"failed ({code})", code
+    return "done", 0
 
 
 def results_of(row, args):
@@ -128,12 +187,14 @@ def results_of(row, args):
         return json.load(f)
 
 
-def write_table(rows, args, status):
-    """OUTPUT_DIR/<table>.md: per row the paper's numbers and this code's."""
+def write_table(rows, args, status, extra=()):
+    """OUTPUT_DIR/<table>.md: per row the paper's numbers and this code's, and the
+    flags every run was given (a row's own flags that they replaced are struck)."""
     lines = [f"# {args.table} on {args.data}", "",
              "The paper's mAP and FLOPs are COCO val's (ResNet-50, 1x; GFLOPs as the paper gives them, "
              "for 1333x800 inputs); this code's AP, AP50 and head GFLOPs (1e9 MACs per image, the gate convs "
              "and predictors included) are from `eval_results.json` of each run.", "",
+             f"Flags given to every run: `{shlex.join(extra)}`." if extra else "", "",
              "| row | flags | paper mAP | paper GFLOPs | AP | AP50 | head GFLOPs avg (min, max) | status |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -142,7 +203,9 @@ def write_table(rows, args, status):
             f"{r['AP']:.3f}", f"{r['AP50']:.3f}",
             f"{r['head_gflops_avg']:.3f} ({r['head_gflops_min']:.3f}, {r['head_gflops_max']:.3f})"]
         paper = "-" if row.paper_map is None else f"{row.paper_map:.1f}"
-        lines.append(f"| {row.name} | `{' '.join(row.flags)}` | {paper} | {row.paper_flops or '-'} | "
+        replaced = overridden(row, extra)
+        flags = f"`{' '.join(row.flags)}`" + (f" ({', '.join(replaced)} replaced)" if replaced else "")
+        lines.append(f"| {row.name} | {flags} | {paper} | {row.paper_flops or '-'} | "
                      f"{' | '.join(ours)} | {status.get(row.name, '-')} |")
     path = os.path.join(args.output_dir, f"{args.table}.md")
     with open(path, "w") as f:
@@ -207,14 +270,23 @@ def main(argv=None):
             print(f"{row.name}  [paper: {paper}, {row.paper_flops or '- GFLOPs'}]\n    "
                   f"{shlex.join(command(row, args, extra)[0])}")
         return 0
-    status = {row.name: run_row(row, args, extra) for row in rows}
-    write_table(rows, args, status)
+    refused = check_rows(rows, args, extra)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
+    status, stopped = {}, 0
+    for row in rows:
+        status[row.name], code = run_row(row, args, extra)
+        if code > 128:
+            stopped = code
+            break
+    write_table(rows, args, status, extra)
     if args.table == "fig5":
         plot_fig5(rows, args)
-    failed = [name for name, s in status.items() if s != "done"]
+    failed = [name for name, s in status.items() if s.startswith("failed")]
     if failed:
         print(f"failed: {', '.join(failed)}")
-    return 1 if failed else 0
+    return stopped or (1 if failed else 0)
 
 
 if __name__ == "__main__":

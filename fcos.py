@@ -78,7 +78,10 @@ def build_backbone(name, pretrained, channels):
 
 
 def imagenet_weights(name, pretrained):
-    """ImageNet weights: torchvision's own (downloaded once), or a local file."""
+    """ImageNet weights: torchvision's own (downloaded once), a local file, or a
+    state dict already loaded (train.py loads and checks it before a run)."""
+    if isinstance(pretrained, dict):
+        return pretrained
     if isinstance(pretrained, (str, os.PathLike)):
         if not os.path.isfile(pretrained):
             raise FileNotFoundError(f"pretrained_backbone={pretrained!r}: no such file; pass the path of a "
@@ -265,7 +268,7 @@ class FCOS(nn.Module):
         Tab. 1) or "dynamic"; depth, tau, activation, coarse, gated: as in
         dynhead.DynamicHead (gated: the path types with gates, Tab. 3).
     lam: lambda of Eq. 6, the weight of the budget loss.
-    pretrained_backbone: True (torchvision's ImageNet weights), False, or a file.
+    pretrained_backbone: True (torchvision's ImageNet weights), False, a file, or a state dict.
     channels: FPN and head width (the paper: 256).
     assigner: "fcos" (center sampling and size ranges) or "atss" (Tab. 4's ATSS).
     """
@@ -299,6 +302,11 @@ class FCOS(nn.Module):
         self.head_mac_ratio = None  # executed / full head MACs of the last batch: a tensor, read when logged
         # channels-last weights and inputs: oneDNN's and cuDNN's convs run faster so
         self.to(memory_format=torch.channels_last)
+
+    @property
+    def towers(self):
+        """The two towers by branch (eval.py draws their gates, Fig. 4)."""
+        return {"cls": self.cls_tower, "reg": self.reg_tower}
 
     # -- input -------------------------------------------------------------------
 

@@ -51,13 +51,14 @@ def build_backbone(name, pretrained, channels):
     """ResNet (BatchNorm frozen, stem and first stage frozen when ImageNet-pretrained;
     everything trained from scratch otherwise) and an FPN on C3-C5 with P6 / P7 by
     stride-2 convs on C5 and relu(P6): fcos.py's backbone, written again here so that
-    this file needs only dynhead.py. pretrained: True, False, or a state dict's file."""
+    this file needs only dynhead.py. pretrained: True, False, a state dict, or its file."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
     resnet = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
     if pretrained:
         weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-        state = torch.load(pretrained, map_location="cpu", weights_only=True) \
+        state = pretrained if isinstance(pretrained, dict) else \
+            torch.load(pretrained, map_location="cpu", weights_only=True) \
             if isinstance(pretrained, (str, os.PathLike)) else weights.get_state_dict(progress=False)
         resnet.load_state_dict(state)
         for part in (resnet.conv1, resnet.layer1):
@@ -146,6 +147,11 @@ class RetinaNet(tv.RetinaNet):
         self.dynamic = head == "dynamic" and towers[0].dynamic
         self.lam = lam if self.dynamic else 0.0
         self.head_mac_ratio = None  # executed / full head MACs of the last batch: a tensor, read when logged
+
+    @property
+    def towers(self):
+        """The two towers by branch, as FCOS names them (eval.py draws their gates)."""
+        return {"cls": self.head.cls_tower, "reg": self.head.reg_tower}
 
     def compute_loss(self, targets, head_outputs, anchors):
         losses = super().compute_loss(targets, head_outputs, anchors)

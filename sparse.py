@@ -959,7 +959,8 @@ class _Residual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, r, at, in_place):
         a_rows = _rows(a).index_select(0, at.index)
-        rows = (r.add_(a_rows) if in_place else a_rows + r).clamp_min_(0)  # r: rows the head made for this
+        # r: rows the head made for this; under autocast r may be bf16 and a fp32: the sum in a's dtype
+        rows = (r.add_(a_rows) if in_place and r.dtype == a.dtype else a_rows + r).clamp_min_(0)
         if in_place:  # `a` itself returned: a view of its rows could carry odd strides that make convs copy it
             ctx.mark_dirty(a)
             _rows(a).clamp_min_(0).index_copy_(0, at.index, rows)

@@ -14,24 +14,25 @@ Map: get_args (the recipes as defaults) -> main: setup, build, resume, the loop
 (train), then the final checkpoint and evaluation.
 """
 import argparse
-import contextlib
 import datetime
 import json
 import math
 import os
 import random
-import re
 import resource
+import shlex
 import signal
-import socket
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torchvision
 
 import data
+import runs
 from eval import evaluate, val_dataset
 from fcos import MODEL_KEYS, build_model
 
@@ -68,8 +69,62 @@ RECIPE_FLAGS = {  # flag -> (help, type, nargs, choices); the defaults come from
 }
 
 
+class Switch(NamedTuple):
+    """One row of the paper's tables as a switch of this code (README's table; the
+    test of every configuration through every entry point runs each)."""
+    experiment: str  # the paper's table and row
+    flags: tuple  # train.py's flags for it (the rest as the recipe has it)
+    python: str = ""  # the same in Python: the model's keyword arguments
+
+
+SWITCHES = [
+    Switch("Tab. 1, FCOS (4-conv towers)", ("--head", "fcos"), 'FCOS(head="fcos")'),
+    Switch("Tab. 1, fixed head (all paths on, no gates; Tab. 3's \"neither\")", ("--head", "fixed"),
+           "DynamicHead(gated=())"),
+    Switch("Tab. 1, dynamic, fine-grained", (), "DynamicHead()"),
+    Switch("Tab. 1, coarse-grained (one gate per image, level, path)", ("--coarse",), "DynamicHead(coarse=True)"),
+    Switch("Tab. 2, the proposed activation, its tau", ("--tau", "1.0"), 'DynamicHead(activation="proposed", tau=1.0)'),
+    Switch("Tab. 2, restricted tanh", ("--activation", "restricted_tanh"),
+           'DynamicHead(activation="restricted_tanh")'),
+    Switch("Tab. 2, softmax", ("--activation", "softmax"), 'DynamicHead(activation="softmax")'),
+    Switch("Tab. 3, depth paths gated only", ("--gated", "depth"), 'DynamicHead(gated=("depth",))'),
+    Switch("Tab. 3, scale paths gated only", ("--gated", "scale"), 'DynamicHead(gated=("scale",))'),
+    Switch("Fig. 5, depth D (D2..D8) and budget lambda", ("--depth", "2", "--lam", "0.1"), "FCOS(depth=2, lam=0.1)"),
+    Switch("Tab. 4, RetinaNet, torchvision's towers", ("--detector", "retinanet", "--head", "retinanet"),
+           'retinanet.RetinaNet(head="retinanet")'),
+    Switch("Tab. 4, RetinaNet, fixed head", ("--detector", "retinanet", "--head", "fixed"),
+           'retinanet.RetinaNet(head="fixed")'),
+    Switch("Tab. 4, RetinaNet, dynamic head", ("--detector", "retinanet"), 'retinanet.RetinaNet(head="dynamic")'),
+    Switch("Tab. 4, ATSS (FCOS's losses, ATSS's targets)", ("--assigner", "atss"), 'FCOS(assigner="atss")'),
+]
+
+
+def switches_table():
+    """SWITCHES as the README's markdown table."""
+    rows = ["| experiment | Python | `train.py` |", "|---|---|---|"]
+    rows += [f"| {s.experiment} | `{s.python}` | {f'`{shlex.join(s.flags)}`' if s.flags else 'the defaults'} |"
+             for s in SWITCHES]
+    return "\n".join(rows)
+
+
+def configurations():
+    """Every configuration the README documents, as train.py flags: each switch, and
+    each switch of the dynamic head's own options on RetinaNet as well (Tab. 4: the
+    head in a detector it was not written for). The matrix test runs them all."""
+    chosen = {"--detector", "--head", "--assigner"}
+    options = [s.flags for s in SWITCHES if s.flags and not chosen & set(s.flags)]
+    return [s.flags for s in SWITCHES] + [("--detector", "retinanet") + flags for flags in options]
+
+
+# The model's switches: their defaults, filled in after the checks that need to know
+# whether a flag was given (a switch of the gates given to a head without gates)
+MODEL_DEFAULTS = dict(lam=0.4, tau=1.5, activation="proposed", coarse=False, gated=["depth", "scale"])
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog="the paper's tables, as switches:\n" + "\n".join(
+                                    f"  {s.experiment}: {shlex.join(s.flags) or 'the defaults'}" for s in SWITCHES))
     p.add_argument("--data", choices=tuple(RECIPES), default="coco", help="the recipe and dataset (default: coco)")
     p.add_argument("--detector", choices=("fcos", "retinanet"), default="fcos",
                    help="FCOS, or torchvision's RetinaNet with these towers (Tab. 4) (default fcos)")
@@ -78,12 +133,13 @@ def get_args(argv=None):
                         "detector), the fixed routing towers, or the dynamic ones (default dynamic)")
     p.add_argument("--assigner", choices=("fcos", "atss"), default="fcos",
                    help="FCOS's targets: center sampling and size ranges, or ATSS (Tab. 4) (default fcos)")
-    p.add_argument("--lam", type=float, default=0.4, help="lambda of Eq. 6, the budget weight (default 0.4)")
-    p.add_argument("--tau", type=float, default=1.5, help="tau of the gate activation, Eq. 3 (default 1.5)")
-    p.add_argument("--activation", choices=("proposed", "restricted_tanh", "softmax"), default="proposed",
+    p.add_argument("--lam", type=float, help="lambda of Eq. 6, the budget weight (default 0.4)")
+    p.add_argument("--tau", type=float, help="tau of the gate activation, Eq. 3 (default 1.5)")
+    p.add_argument("--activation", choices=("proposed", "restricted_tanh", "softmax"),
                    help="the gate activation, Tab. 2 (default proposed: Eq. 3)")
-    p.add_argument("--coarse", action="store_true", help="one gate per image and path (Tab. 1 coarse-grained)")
-    p.add_argument("--gated", nargs="*", choices=("depth", "scale"), default=["depth", "scale"],
+    p.add_argument("--coarse", action="store_const", const=True, help="one gate per image and path (Tab. 1 "
+                   "coarse-grained)")
+    p.add_argument("--gated", nargs="*", choices=("depth", "scale"),
                    help="the path types with spatial gates (Tab. 3); the others run everywhere;\n"
                         "none (--gated alone) is the fixed head (default depth scale)")
     for key, (text, kind, nargs, choices) in RECIPE_FLAGS.items():
@@ -92,43 +148,83 @@ def get_args(argv=None):
         p.add_argument("--" + key.replace("_", "-"), type=kind, nargs=nargs, choices=choices,
                        help=f"{text + ' ' if text else ''}(default {shown})", **extra)
     p.add_argument("--output-dir", default="output", help="(default output)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir where it stopped (its\n"
+                   "final evaluation included)")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --output-dir and start anew")
     p.add_argument("--dist-timeout", type=float, default=10.0, help="minutes a process waits for the others\n"
                    "(a hung rank then fails the run) (default 10)")
     p.add_argument("--eval-period", type=int, default=0, help="iterations between evaluations; 0: only at the "
                    "end (default 0)")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default cuda where there is one); under torchrun each\n"
+                        "process takes the GPU of its LOCAL_RANK")
     args = p.parse_args(argv)
+    check_switches(args, p)
     apply_recipe(args, p)
     return args
 
 
-def apply_recipe(args, parser):
-    """Fill what was not given from the recipe, check the numbers, and scale the
-    recipe's lr and schedule for another --ims-per-batch by the linear rule
-    (Goyal et al., 2017; FCOS's advice for fewer GPUs): lr x k, iterations / k."""
-    recipe = RECIPES[args.data]
-    given = {key for key in recipe if getattr(args, key) is not None}
-    for key, value in recipe.items():
-        if key not in given:
-            setattr(args, key, value)
-    for key in ("depth", "ims_per_batch", "max_iter", "checkpoint_period", "channels", "min_size", "max_size"):
-        if getattr(args, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    for key in ("warmup", "eval_period", "workers"):
-        if getattr(args, key) < 0:
-            parser.error(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(args, key)}")
+def check_switches(args, parser):
+    """The model's switches against each other, then their defaults filled in: a
+    switch of the gates is refused where the head has none (it would be taken and
+    do nothing), and tau where the activation has none."""
+    gates = args.head == "dynamic" and args.gated != []
+    given = {k: getattr(args, k) for k in MODEL_DEFAULTS if getattr(args, k) is not None}
+    if not gates and given:
+        why = f"--head {args.head} has no gates" if args.head != "dynamic" else "--gated alone makes the fixed head"
+        flags = ", ".join(f"--{k}" for k in given if k != "gated" or args.head != "dynamic")
+        if flags:
+            parser.error(f"{flags}: {why}, so these would do nothing; leave them out, or train the dynamic head")
+    if args.tau is not None and (args.activation or "proposed") != "proposed":
+        parser.error(f"--tau is Eq. 3's, the proposed activation's; --activation {args.activation} has none")
+    for key, value in MODEL_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+    for key in ("lam", "tau"):
+        if not math.isfinite(getattr(args, key)) or getattr(args, key) < 0:
+            parser.error(f"--{key} must be a number of 0 or more, got {getattr(args, key)}")
     if args.head in ("fcos", "retinanet") and args.head != args.detector:
         parser.error(f"--head {args.head} is the other detector's towers; {args.detector}'s own are --head "
                      f"{args.detector}")
     if args.assigner == "atss" and args.detector == "retinanet":
         parser.error("--assigner atss is FCOS's; RetinaNet matches its anchors by IoU (torchvision's)")
+
+
+def apply_recipe(args, parser):
+    """Fill what was not given from the recipe, check every number and its fit with
+    the others, and scale the recipe's lr and schedule for another --ims-per-batch
+    by the linear rule (Goyal et al., 2017; FCOS's advice for fewer GPUs): lr x k,
+    iterations / k."""
+    recipe = RECIPES[args.data]
+    given = {key for key in recipe if getattr(args, key) is not None}
+    for key, value in recipe.items():
+        if key not in given:
+            setattr(args, key, value)
+    flag = lambda key: "--" + key.replace("_", "-")
+    for key in ("depth", "ims_per_batch", "max_iter", "checkpoint_period", "channels", "min_size", "max_size"):
+        if getattr(args, key) < 1:
+            parser.error(f"{flag(key)} must be at least 1, got {getattr(args, key)}")
+    for key in ("warmup", "eval_period", "workers"):
+        if getattr(args, key) < 0:
+            parser.error(f"{flag(key)} must be 0 or more, got {getattr(args, key)}")
+    for key in ("lr", "dist_timeout"):
+        if not math.isfinite(getattr(args, key)) or getattr(args, key) <= 0:
+            parser.error(f"{flag(key)} must be a number above 0, got {getattr(args, key)}")
+    if any(s < 1 for s in args.steps) or any(b <= a for a, b in zip(args.steps, args.steps[1:])):
+        parser.error(f"--steps must be iterations of 1 or more, each after the one before, got {args.steps}")
+    if args.max_size < args.min_size:
+        parser.error(f"--max-size {args.max_size} is below --min-size {args.min_size}: the longer side is capped "
+                     f"below the shorter one; pass a --max-size of at least {args.min_size}")
+    # the towers' GroupNorms have 32 groups; in training each needs 2 values at least on P7,
+    # the smallest map (stride 128: ceil(min_size / 128) pixels on the shorter side, fewer
+    # only where --max-size caps a very long image)
+    if args.channels % 32 or args.channels // 32 * math.ceil(args.min_size / 128) ** 2 < 2:
+        parser.error(f"--channels {args.channels} with --min-size {args.min_size}: the head's GroupNorms of 32 "
+                     f"groups need a multiple of 32 channels and 2 values per group on P7's map; use "
+                     f"--channels 64 or more (a multiple of 32), or --min-size above 128")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
-    if args.dist_timeout <= 0:
-        parser.error(f"--dist-timeout must be above 0 minutes, got {args.dist_timeout}")
     k = args.ims_per_batch / recipe["ims_per_batch"]
     if k != 1:
         args.lr = args.lr if "lr" in given else recipe["lr"] * k
@@ -137,9 +233,20 @@ def apply_recipe(args, parser):
         args.steps = args.steps if "steps" in given else [round(s / k) for s in recipe["steps"]]
     pretrained = args.pretrained_backbone.lower()
     args.pretrained_backbone = {"true": True, "false": False}.get(pretrained, args.pretrained_backbone)
+    if isinstance(args.pretrained_backbone, str) and not os.path.isfile(args.pretrained_backbone):
+        parser.error(f"--pretrained-backbone {args.pretrained_backbone}: no such file; pass the file of torchvision's "
+                     f"{args.backbone} ImageNet weights, true (downloaded once) or false")
+    try:
+        device = runs.check_device(args.device)
+    except runs.RunError as error:
+        parser.error(str(error))
     if args.amp == "auto":
-        args.amp = "on" if torch.device(args.device).type == "cuda" or native_bf16() else "off"
+        args.amp = "on" if device.type == "cuda" or native_bf16() else "off"
     args.amp = args.amp == "on"
+    try:
+        runs.check_output_dir(args.output_dir)
+    except runs.RunError as error:
+        parser.error(str(error))
 
 
 def native_bf16():
@@ -160,77 +267,7 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, args, 
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "iteration": iteration, "args": vars(args), "world": run.world,
              "classes": run.train_set.class_names, "rng": rng_state()}
-    data.atomic_write(path, lambda f: torch.save(state, f), "wb")  # a run killed mid-write loses nothing
-    data.atomic_write(os.path.join(os.path.dirname(path), "last_checkpoint"),
-                      lambda f: f.write(os.path.basename(path)))
-
-
-RUN_FILES = re.compile(r"model_(\d+|final)\.pth|last_checkpoint|metrics\.jsonl|eval_results\.json|detections\.json")
-
-
-def checkpoints_newest_first(output_dir):
-    """The checkpoints of a run, newest first: the one named in last_checkpoint,
-    then model_final.pth, then model_NNNNNNN.pth by iteration."""
-    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    numbered = sorted((int(m.group(1)), n) for n in names if (m := re.fullmatch(r"model_(\d+)\.pth", n)))
-    order = ["model_final.pth"] * ("model_final.pth" in names) + [n for _, n in reversed(numbered)]
-    last = os.path.join(output_dir, "last_checkpoint")
-    named = open(last).read().strip() if os.path.isfile(last) else ""
-    if named and named in names:
-        order = [named] + [n for n in order if n != named]
-    return [os.path.join(output_dir, n) for n in order]
-
-
-class FolderLock:
-    """One run per output folder: an exclusively created `lock` file holding this
-    process's pid (and host). A lock of a process that no longer runs on this host
-    is taken over with a warning."""
-
-    def __init__(self, folder, log):
-        self.path, self.held = os.path.join(folder, "lock"), False
-        me = f"{os.getpid()} {socket.gethostname()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pid, _, host = (open(self.path).read().strip() + "  ").partition(" ")
-                if host.strip() == socket.gethostname() and pid.isdigit() and not data.pid_alive(int(pid)):
-                    log(f"warning: taking over the lock of process {pid}, which no longer runs ({self.path})")
-                    os.remove(self.path)
-                    continue
-                raise data.RunError(f"{folder} is in use by another run (process {pid} on {host.strip() or '?'}, "
-                                    f"{self.path}); wait for it to end, or pass another --output-dir")
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.held = True
-            return
-
-    def release(self):
-        if self.held:
-            with contextlib.suppress(OSError):
-                os.remove(self.path)
-            self.held = False
-
-
-def claim_output_dir(args, log):
-    """Lock the output folder, remove the temporary files of dead processes, and
-    refuse to start afresh over a run unless told to overwrite it."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    lock = FolderLock(args.output_dir, log)
-    removed = data.remove_stale_temporaries(args.output_dir)
-    if removed:
-        log(f"removed {len(removed)} temporary file(s) of killed saves: {', '.join(sorted(removed)[:5])}")
-    found = sorted(n for n in os.listdir(args.output_dir) if RUN_FILES.fullmatch(n))
-    if found and not args.resume:
-        if not args.overwrite:
-            lock.release()
-            raise data.RunError(f"{args.output_dir} holds a run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
-                                f"pass --resume to continue it, --overwrite to delete it and start anew, or another "
-                                f"--output-dir")
-        for name in found:
-            os.remove(os.path.join(args.output_dir, name))
-        log(f"--overwrite: deleted the run in {args.output_dir} ({len(found)} file(s))")
-    return lock
+    runs.write_checkpoint(path, state)
 
 
 def check_same_model(saved, args):
@@ -238,7 +275,7 @@ def check_same_model(saved, args):
     differ = {k: (saved.get(k), vars(args)[k]) for k in keys if saved.get(k) != vars(args)[k]}
     if differ:
         lines = "\n".join(f"  {k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
-        raise data.RunError(f"the checkpoint was trained with another configuration:\n{lines}\n"
+        raise runs.RunError(f"the checkpoint was trained with another configuration:\n{lines}\n"
                             f"use the same flags, or another --output-dir")
 
 
@@ -292,19 +329,12 @@ def lr_factor(iteration, args):
 
 
 def setup(args):
-    """Processes, device, output folder, datasets. Returns a namespace of the run."""
-    run = argparse.Namespace(**data.setup_distributed(args.device, args.dist_timeout))
+    """Processes, device, datasets (every file checked), output folder. Returns a
+    namespace of the run."""
+    run = argparse.Namespace(**runs.setup_distributed(args.device, args.dist_timeout))
     run.log = print if run.master else (lambda *a, **k: None)
     if args.ims_per_batch % run.world:
-        raise data.RunError(f"--ims-per-batch {args.ims_per_batch} is not divisible by {run.world} processes")
-    # the towers' GroupNorms have 32 groups; in training each needs 2 values at least on P7,
-    # the smallest map (stride 128: ceil(min_size / 128) pixels on the shorter side, fewer
-    # only where --max-size caps a very long image)
-    per_group = args.channels // 32 * math.ceil(args.min_size / 128) ** 2
-    if args.channels % 32 or per_group < 2:
-        raise data.RunError(f"--channels {args.channels} with --min-size {args.min_size}: the head's GroupNorms of 32 "
-                            f"groups need a multiple of 32 channels and 2 values per group on P7's map; use "
-                            f"--channels 64 or more (a multiple of 32), or --min-size above 128")
+        raise runs.RunError(f"--ims-per-batch {args.ims_per_batch} is not divisible by {run.world} processes")
     late = [s for s in args.steps if s >= args.max_iter] + ([args.warmup] if args.warmup >= args.max_iter else [])
     if late:
         run.log(f"warning: of steps {args.steps} and warmup {args.warmup}, {late} lie at or beyond max_iter "
@@ -323,17 +353,95 @@ def setup(args):
     train_split = "train2017" if args.data == "coco" else "train"
     run.train_set = data.CocoDetection(*data.coco_paths(args.data_root, train_split), train=True)
     run.val_set = val_dataset(args.data, args.data_root)
-    run.lock = claim_output_dir(args, run.log) if run.master else None
-    if run.distributed:
-        dist.barrier()  # the folder is claimed (or the run refused) before any rank reads it
+    check_datasets(run)
+    run.lock = on_master(run, lambda: runs.claim_output_dir(args.output_dir, args.resume, args.overwrite, run.log))
     return run
+
+
+def check_datasets(run):
+    """Everything the run will read, before its first iteration: the final
+    evaluation's split has boxes and the training set's classes, and every image
+    either names is there, readable, and of the size its annotations say (each rank
+    reads the headers of its share; all ranks raise the same error)."""
+    train_set, val_set = run.train_set, run.val_set
+    if val_set.class_names != train_set.class_names:
+        raise runs.RunError(f"{val_set.coco_file} has the classes {val_set.class_names}, but {train_set.coco_file} "
+                            f"{train_set.class_names}: the model is evaluated on the classes it learns; use "
+                            f"annotation files of the same categories")
+    val_set.check_evaluable()
+    tic = time.perf_counter()
+    found = [dataset.check_images(run.rank, run.world) for dataset in (train_set, val_set)]
+    if run.distributed:
+        everyone = [None] * run.world
+        dist.all_gather_object(everyone, found)
+        found = [sum((f[k] for f in everyone), []) for k in range(2)]
+    for dataset, problems in zip((train_set, val_set), found):
+        dataset.raise_image_problems(problems)
+    run.log(f"checked the {len(train_set) + len(val_set)} images of {train_set.image_dir} and {val_set.image_dir} "
+            f"in {time.perf_counter() - tic:.1f} s")
+
+
+def on_master(run, work):
+    """work() on rank 0 alone; a RunError it raises is raised on every rank, so
+    that no rank waits for a run that rank 0 refused. Returns rank 0's result."""
+    result, said = None, None
+    if run.master:
+        try:
+            result = work()
+        except runs.RunError as error:
+            said = str(error)
+    if run.distributed:
+        shared = [said]
+        dist.broadcast_object_list(shared, src=0)
+        said = shared[0]
+    if said is not None:
+        raise runs.RunError(said)
+    return result
+
+
+def backbone_weights(args):
+    """The ImageNet weights the backbone starts from, loaded and checked before a
+    run starts: torchvision's (downloaded once), a file, or False. A download that
+    fails, a file that is not a state dict of this --backbone: a RunError that says
+    how to get the right one."""
+    if args.pretrained_backbone is False:
+        return False
+    weights = torchvision.models.get_model_weights(args.backbone).IMAGENET1K_V1
+    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if args.pretrained_backbone is True:
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as error:  # no network, a proxy, a partial download, ...
+            raise runs.RunError(f"could not download the ImageNet weights of {args.backbone} "
+                                f"({type(error).__name__}: {str(error)[:200]}); download {weights.url} on a machine "
+                                f"with network and put it at {target}, or pass --pretrained-backbone FILE "
+                                f"(or false, to train from scratch)") from error
+    else:
+        try:
+            state = torch.load(args.pretrained_backbone, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise runs.RunError(f"--pretrained-backbone {args.pretrained_backbone} cannot be read as a state dict "
+                                f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+                                f"pass torchvision's {os.path.basename(weights.url)}") from error
+    expected = getattr(torchvision.models, args.backbone)(weights=None).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)} \
+        if isinstance(state, dict) else {}
+    wrong = sorted(set(expected) ^ set(shapes)) + [k for k in expected if k in shapes and
+                                                   shapes[k] != tuple(expected[k].shape)]
+    if wrong:
+        source = args.pretrained_backbone if args.pretrained_backbone is not True else target
+        raise runs.RunError(f"{source} does not hold the weights of torchvision's {args.backbone} ({len(wrong)} "
+                            f"tensor(s) missing, unexpected or of another shape, e.g. {wrong[:3]}); pass the file "
+                            f"{os.path.basename(weights.url)} of --backbone {args.backbone}")
+    return state
 
 
 def build(args, run):
     """The model (the same initial weights on every rank), optimizer, schedule and
     AMP scaler."""
+    weights = backbone_weights(args)
     torch.manual_seed(args.seed)
-    model = build_model(vars(args), len(run.train_set.label_to_category)).to(run.device)
+    model = build_model(vars(args), len(run.train_set.label_to_category), pretrained_backbone=weights).to(run.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
@@ -348,27 +456,30 @@ def build(args, run):
 def resume(args, run, model, optimizer, scheduler, scaler):
     """The iteration to start from: 0, or the newest loadable checkpoint's, restored
     exactly. An unreadable newest checkpoint (a truncated file, say) is passed over
-    for the next one, with a warning that names both."""
+    for the next one, with a warning that names both. A run that trained to its end
+    but whose final evaluation did not finish (no eval_results.json) resumes at
+    max_iter: it evaluates."""
     if not args.resume:
         return 0
-    candidates, skipped = checkpoints_newest_first(args.output_dir), []
+    candidates, skipped = runs.checkpoints_newest_first(args.output_dir, run.log), []
     for path in candidates:
         try:
-            checkpoint = data.read_checkpoint(path)
+            checkpoint = runs.read_checkpoint(path)
             break
-        except data.RunError as error:
+        except runs.RunError as error:
             skipped.append(str(error))
     else:
         if candidates:
-            raise data.RunError(f"--resume: no checkpoint in {args.output_dir} can be read:\n  " + "\n  ".join(skipped))
+            raise runs.RunError(f"--resume: no checkpoint in {args.output_dir} can be read:\n  " + "\n  ".join(skipped))
         run.log(f"--resume: no checkpoint in {args.output_dir}, starting fresh")
         return 0
     for reason in skipped:
         run.log(f"warning: {reason}; resuming from {path} instead")
     check_same_model(checkpoint["args"], args)
-    data.check_classes(checkpoint, path, run.train_set, "the training set")
-    if checkpoint["iteration"] >= args.max_iter:
-        raise data.RunError(f"{path} is at iteration {checkpoint['iteration']}, and --max-iter {args.max_iter} ends "
+    runs.check_classes(checkpoint, path, run.train_set, "the training set")
+    finished = os.path.exists(os.path.join(args.output_dir, "eval_results.json"))
+    if checkpoint["iteration"] > args.max_iter or checkpoint["iteration"] == args.max_iter and finished:
+        raise runs.RunError(f"{path} is at iteration {checkpoint['iteration']}, and --max-iter {args.max_iter} ends "
                             f"there or before: pass a larger --max-iter to train on (a finished run: evaluate it "
                             f"with python eval.py --checkpoint {path})")
     for warning in resume_warnings(checkpoint, args, run.world):
@@ -378,12 +489,14 @@ def resume(args, run, model, optimizer, scheduler, scaler):
     scheduler.load_state_dict(checkpoint["scheduler"])
     scaler.load_state_dict(checkpoint["scaler"])
     restore_rng(checkpoint["rng"])
-    run.log(f"resuming from {path} at iteration {checkpoint['iteration']}")
+    run.log(f"resuming from {path} at iteration {checkpoint['iteration']}" +
+            (": its training is done, its final evaluation runs" if checkpoint["iteration"] == args.max_iter else ""))
     return checkpoint["iteration"]
 
 
 def train(args, run, model, optimizer, scheduler, scaler, start, stop):
-    """Iterations start..max_iter; returns True if a signal stopped the run."""
+    """Iterations start..max_iter, then model_final.pth; returns True if a signal
+    stopped the run first."""
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
                                                     else None) if run.distributed else model
     saved = [start]  # the iteration of the newest checkpoint
@@ -423,7 +536,7 @@ def train(args, run, model, optimizer, scheduler, scaler, start, stop):
             if done % args.checkpoint_period == 0 and done < args.max_iter:
                 save(done)
             if args.eval_period and done % args.eval_period == 0 and done < args.max_iter:
-                run_eval(model, run, args, stop)
+                run_eval(model, run, args, stop, f"eval_{done:07d}.json")
                 model.train()
             if stopping(stop, run):
                 if saved[0] != done:  # a stop on a checkpoint iteration saves once
@@ -437,8 +550,9 @@ def train(args, run, model, optimizer, scheduler, scaler, start, stop):
 
 class MetricLog:
     """Every 20 iterations rank 0 prints and appends to metrics.jsonl the losses, lr,
-    the head's executed/full MAC ratio, s/iter, data time, ETA and peak memory (the
-    only host syncs of the loop, besides the finite-loss check)."""
+    the head's executed/full MAC ratio, s/iter, data time, ETA, and the memory in
+    use and its peak (the only host syncs of the loop, besides the finite-loss
+    check)."""
 
     def __init__(self, args, run, start):
         self.args, self.run, self.start, self.tic = args, run, start, time.perf_counter()
@@ -457,7 +571,8 @@ class MetricLog:
         sec = (time.perf_counter() - self.tic) / (done - self.start)
         record = {"iteration": done, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
                   "lr": optimizer.param_groups[0]["lr"], "head_mac_ratio": model.head_mac_ratio.item(),
-                  "s_per_iter": sec, "data_time": data_time, "peak_mem_mb": peak_memory_mb(self.run.device)}
+                  "s_per_iter": sec, "data_time": data_time, "mem_mb": memory_mb(self.run.device),
+                  "peak_mem_mb": peak_memory_mb(self.run.device)}
         eta = datetime.timedelta(seconds=int(sec * (self.args.max_iter - done)))
         self.run.log(f"iter {done}/{self.args.max_iter}  eta {eta}  " + "  ".join(
             f"{k} {v:.4g}" for k, v in record.items() if k != "iteration"))
@@ -487,18 +602,33 @@ def stopping(stop, run):
     return bool(flag.item())
 
 
-def run_eval(model, run, args, stop, final=False):
+def run_eval(model, run, args, stop, name="eval_results.json"):
+    """Evaluate on the val split and write the results to `name` in the output
+    folder (eval_results.json: the run's final evaluation, which marks it done).
+    Returns False if a signal interrupted it."""
     results = evaluate(model, run.val_set, run.device, workers=args.workers, stop=stop)
     if not run.master:
-        return
+        return stop["signal"] is None
     if results.get("interrupted"):
-        checkpoint = os.path.join(args.output_dir, "model_final.pth" if final else "last_checkpoint")
-        print(f"evaluation interrupted by signal {stop['signal']}; the checkpoint is saved "
-              f"({checkpoint}): evaluate it with python eval.py --checkpoint ...")
-        return
-    path = os.path.join(args.output_dir, "eval_results.json")
-    data.atomic_write(path, lambda f: json.dump(results, f, indent=1))
+        print(f"evaluation interrupted by signal {stop['signal']}; the checkpoint is saved: --resume runs this "
+              f"evaluation again")
+        return False
+    path = os.path.join(args.output_dir, name)
+    runs.atomic_write(path, lambda f: json.dump(results, f, indent=1))
     print(f"AP {results['AP']:.4f}  AP50 {results['AP50']:.4f}  -> {path}")
+    return True
+
+
+def memory_mb(device):
+    """Memory in use now: on a GPU the tensors' bytes, on the CPU the process's
+    resident set (Linux's /proc; None elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2 ** 20
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def peak_memory_mb(device):
@@ -508,17 +638,20 @@ def peak_memory_mb(device):
 
 
 def main(argv=None):
+    """Train and evaluate; returns the exit code: 0 done, 128 + N if signal N stopped
+    the run before its end (it saved a checkpoint; --resume continues)."""
     args = get_args(argv)
     run = setup(args)
     try:
         model, optimizer, scheduler, scaler = build(args, run)
         start = resume(args, run, model, optimizer, scheduler, scaler)
         with stop_signals() as stop:
-            if not train(args, run, model, optimizer, scheduler, scaler, start, stop):
-                run_eval(model, run, args, stop, final=True)
+            stopped = train(args, run, model, optimizer, scheduler, scaler, start, stop) or \
+                not run_eval(model, run, args, stop)
+        return runs.stopped_exit_code(stop["signal"] or signal.SIGTERM) if stopped else 0
     except RuntimeError as error:
         if run.distributed and "timed out" in str(error).lower():
-            raise data.RunError(f"a process waited more than --dist-timeout {args.dist_timeout:g} minutes for the "
+            raise runs.RunError(f"a process waited more than --dist-timeout {args.dist_timeout:g} minutes for the "
                                 f"others (one hung or died): {str(error).splitlines()[0][:200]}; the last "
                                 f"checkpoint in {args.output_dir} is intact, --resume continues") from error
         raise
@@ -530,4 +663,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(data.run_cli(main))
+    sys.exit(runs.run_cli(main))

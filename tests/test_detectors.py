@@ -2,6 +2,7 @@
 its paper's rules, torchvision's RetinaNet with the dynamic towers (retinanet.py
 with only dynhead.py beside it), both through the trainer and the evaluator, and
 inference on image files."""
+import errno
 import json
 import math
 import os
@@ -18,7 +19,9 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 import data
+import eval as evaluation
 import fcos
+import runs
 import train
 from fcos import assign_targets_atss, locations
 
@@ -193,27 +196,6 @@ def tiny_root(tmp_path_factory):
     return str(root)
 
 
-@pytest.mark.parametrize("flags", [["--detector", "retinanet"], ["--detector", "retinanet", "--head", "retinanet"],
-                                   ["--assigner", "atss"]])
-def test_train_resume_and_evaluate_each_detector(tiny_root, tmp_path, flags):
-    out = tmp_path / "run"
-    common = TINY + flags + ["--data-root", tiny_root, "--output-dir", str(out), "--checkpoint-period", "1"]
-    train.main(common + ["--max-iter", "1"])
-    train.main(common + ["--max-iter", "2", "--resume"])
-    checkpoint = data.read_checkpoint(str(out / "model_final.pth"))
-    assert checkpoint["iteration"] == 2
-    assert (checkpoint["args"]["detector"], checkpoint["args"]["assigner"]) == (
-        flags[1] if flags[0] == "--detector" else "fcos", "atss" if "atss" in flags else "fcos")
-    results = json.loads((out / "eval_results.json").read_text())
-    assert results["head_gflops_avg"] > 0 and results["total_gflops_avg"] > results["head_gflops_avg"]
-    res = run_script(["eval.py", "--checkpoint", str(out / "model_final.pth"), "--workers", "0",
-                      "--output-dir", str(tmp_path / "eval")], timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    again = json.loads((tmp_path / "eval" / "eval_results.json").read_text()) if \
-        (tmp_path / "eval" / "eval_results.json").exists() else json.loads(res.stdout[res.stdout.index("{"):])
-    assert again["head_gflops_avg"] == pytest.approx(results["head_gflops_avg"])  # rebuilt as it was trained
-
-
 def test_bad_detector_combinations_are_refused(capsys):
     for flags, said in ((["--detector", "retinanet", "--assigner", "atss"], "--assigner atss is FCOS's"),
                         (["--head", "retinanet"], "--head retinanet is the other detector's towers")):
@@ -245,3 +227,59 @@ def test_eval_on_image_files(tiny_root, tmp_path):
     assert all(set(d) == {"box", "score", "label", "class"} and d["class"] in ("box", "disc", "triangle", "ring")
                for d in found["detections"])
     assert Image.open(images / "grey_detections.png").size == (90, 70)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "run"
+    train.main(TINY + ["--data-root", tiny_root, "--output-dir", str(out), "--max-iter", "1"])
+    return str(out / "model_final.pth")
+
+
+def test_images_of_the_same_name_get_outputs_of_their_own(tiny_root, tiny_model, tmp_path):
+    # a/x.jpg and b/x.jpg once wrote the same x.json; x.png beside them too
+    picture = Image.open(os.path.join(tiny_root, "val", "000000.jpg"))
+    for folder, name in (("a", "x.jpg"), ("b", "x.jpg"), ("c", "x.png")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        picture.save(tmp_path / folder / name)
+    files = [str(tmp_path / "a" / "x.jpg"), str(tmp_path / "b"), str(tmp_path / "c" / "x.png"),
+             str(tmp_path / "a" / "x.jpg")]  # given twice: run once
+    out = tmp_path / "out"
+    assert evaluation.main(["--checkpoint", tiny_model, "--images", *files, "--output-dir", str(out)]) == 0
+    written = {json.loads((out / f"{n}.json").read_text())["image"] for n in ("a_x_jpg", "b_x_jpg", "x_png")}
+    assert written == {str(tmp_path / "a" / "x.jpg"), str(tmp_path / "b" / "x.jpg"), str(tmp_path / "c" / "x.png")}
+    assert len(list(out.glob("*.json"))) == 3 and len(list(out.glob("*_detections.png"))) == 3
+    assert evaluation.output_names(["p/photo.jpg", "q/photo.jpg", "r/other.jpg"]) == ["p_photo_jpg", "q_photo_jpg",
+                                                                                       "other"]
+
+
+@pytest.mark.parametrize("what,said", [("empty", "the folder holds no image files"),
+                                       ("missing", "no such file or folder")])
+def test_images_that_are_not_there_are_refused_at_once(tiny_model, tmp_path, what, said):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    path = tmp_path / what
+    res = run_script(["eval.py", "--checkpoint", tiny_model, "--images", str(path), "--output-dir",
+                      str(tmp_path / "out")], timeout=120)
+    assert res.returncode == 2 and f"--images {path}: {said}" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry", ["images", "visualize"])
+def test_a_full_disk_while_drawing_is_said_and_leaves_no_empty_file(tiny_root, tiny_model, tmp_path, monkeypatch,
+                                                                     entry):
+    save = Image.Image.save
+
+    def disk_fills(image, f, **kw):  # the first bytes reach the file, then the disk is full
+        save(image, f, **kw)
+        f.truncate(10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_fills)
+    out = tmp_path / "out"
+    flags = ["--images", os.path.join(tiny_root, "val")] if entry == "images" else ["--visualize", "2", "--workers", "0"]
+    with pytest.raises(runs.RunError, match=r"no space left on device while writing .*_detections.png; nothing was "
+                                            r"written; free some space"):
+        evaluation.main(["--checkpoint", tiny_model, *flags, "--output-dir", str(out)])
+    left = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in left if p.suffix == ".png" or ".tmp" in p.name], left

@@ -2,8 +2,7 @@
 to end (every row trained and evaluated, the table written, finished runs skipped)."""
 import os
 import re
-
-import pytest
+import sys
 
 import data
 import experiments
@@ -28,26 +27,59 @@ def test_dry_run_prints_every_row_with_the_papers_numbers(capsys):
     said = capsys.readouterr().out
     assert [line.split()[0] for line in said.splitlines() if not line.startswith(" ")] == \
         ["gated_neither", "gated_scale", "gated_depth", "gated_both"]
-    assert "train.py --data coco --gated --lam 0" in said and "446.6 total" in said
+    assert "train.py --data coco --gated --depth 8" in said and "446.6 total" in said
 
 
-def test_tab3_end_to_end_on_a_tiny_set_then_skipped(tmp_path, capsys):
-    root = tmp_path / "synthetic"
-    data.make_synthetic(str(root), num_train=4, num_val=2, seed=1, size=(96, 128))
-    args = ["tab3", "--data", "synthetic", "--output-dir", str(tmp_path / "exp"), "--", *TINY,
-            "--data-root", str(root)]
+def test_tab3_end_to_end_on_a_tiny_set_then_skipped(tmp_path, capsys, monkeypatch):
+    # run from a folder of the user's, with relative paths: they mean what they mean there
+    monkeypatch.chdir(tmp_path)
+    data.make_synthetic("synthetic", num_train=4, num_val=2, seed=1, size=(96, 128))
+    args = ["tab3", "--data", "synthetic", "--output-dir", "exp", "--", *TINY, "--data-root", "synthetic"]
     assert experiments.main(args) == 0
     table = (tmp_path / "exp" / "tab3.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| gated_")]
     assert [r.split("|")[1].strip() for r in rows] == ["gated_neither", "gated_scale", "gated_depth", "gated_both"]
     assert all(re.search(r"\| \d\.\d{3} \| \d\.\d{3} \| \d+\.\d{3} \(", r) for r in rows)  # AP, AP50, GFLOPs
     assert "| 512.5 total |" in rows[0] and "| 446.6 total |" in rows[3]
+    assert "(--depth replaced)" in rows[0] and "Flags given to every run: `--backbone resnet18" in table
     for name in ("gated_neither", "gated_both"):
         assert (tmp_path / "exp" / "tab3" / name / "eval_results.json").exists()
+    # a row whose final evaluation was interrupted finishes it on the next run
+    os.remove(tmp_path / "exp" / "tab3" / "gated_depth" / "eval_results.json")
+    capsys.readouterr()
+    assert experiments.main(args) == 0
+    said = capsys.readouterr().out
+    assert said.count("finished, skipped") == 3 and "gated_depth: " in said
+    log = (tmp_path / "exp" / "tab3" / "gated_depth" / "log.txt").read_text()
+    assert "at iteration 2: its training is done, its final evaluation runs" in log
+    assert (tmp_path / "exp" / "tab3" / "gated_depth" / "eval_results.json").exists()
     capsys.readouterr()
     assert experiments.main(args) == 0
     said = capsys.readouterr().out
     assert said.count("finished, skipped") == 4 and "train.py" not in said
+
+
+def test_flags_after_the_dashes_that_make_two_rows_one_run_are_refused(tmp_path, capsys):
+    # fig5's fixed D2 and D4 rows differ by their depth alone: -- --depth 2 makes them one run
+    code = experiments.main(["fig5", "--data", "synthetic", "--output-dir", str(tmp_path / "exp"), "--",
+                             "--depth", "2"])
+    said = capsys.readouterr()
+    assert code == 2 and "rows fixed_d2 and fixed_d4 are the same run once the flags after -- (--depth 2)" in said.err
+    assert not (tmp_path / "exp").exists()  # nothing ran
+    code = experiments.main(["tab1", "--output-dir", str(tmp_path / "exp"), "--", "--lam", "0.2"])
+    assert code == 2 and "row fcos: train.py refuses its flags" in capsys.readouterr().err  # --lam on FCOS's towers
+
+
+def test_a_stopped_run_stops_the_table_with_its_exit_code(tmp_path, capsys):
+    # a "launcher" that behaves as train.py stopped by SIGTERM: saves nothing, exits 143
+    fake = tmp_path / "stopped.py"
+    fake.write_text("import sys; sys.exit(143)\n")
+    code = experiments.main(["tab3", "--data", "synthetic", "--output-dir", str(tmp_path / "exp"),
+                             "--launcher", f"{sys.executable} {fake}"])
+    said = capsys.readouterr().out
+    assert code == 143 and "gated_neither: stopped by signal 15 (exit code 143)" in said
+    assert "gated_scale" not in said.split("-> ")[0]  # the next rows did not start
+    assert "| gated_neither |" in (tmp_path / "exp" / "tab3.md").read_text()
 
 
 def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, capsys):

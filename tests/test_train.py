@@ -3,6 +3,7 @@ two CPU processes, checkpoints and exact resume, pycocotools fed correctly, and
 the faults a long run meets."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from pycocotools.cocoeval import COCOeval
 
 import data
+import runs
 import eval as evaluation
 import fcos
 import train
@@ -173,7 +175,7 @@ def test_resume_is_exact(tiny_root, tmp_path):
 def test_resume_refuses_another_configuration(tiny_root, tmp_path):
     out = str(tmp_path / "run")
     train.main(TINY + ["--data-root", tiny_root, "--max-iter", "1", "--output-dir", out])
-    with pytest.raises(data.RunError, match=r"depth: checkpoint 1, now 2"):
+    with pytest.raises(runs.RunError, match=r"depth: checkpoint 1, now 2"):
         train.main(TINY + ["--data-root", tiny_root, "--max-iter", "2", "--output-dir", out, "--resume",
                            "--depth", "2"])
 
@@ -211,12 +213,15 @@ def test_bad_numbers_are_refused(flag, value, said, capsys):
 
 
 @pytest.mark.parametrize("channels,min_size", [("32", "96"), ("48", "256")])
-def test_a_width_groupnorm_cannot_normalise_is_refused(tiny_root, tmp_path, channels, min_size):
+def test_a_width_groupnorm_cannot_normalise_is_refused(tiny_root, tmp_path, channels, min_size, capsys):
     # 32 channels at --min-size 96: P7 is 1x1, one value per group of GroupNorm(32);
     # 48 channels do not divide into 32 groups
-    with pytest.raises(data.RunError, match=rf"--channels {channels} with --min-size {min_size}: .* use --channels 64"):
-        train.main(TINY + ["--data-root", tiny_root, "--channels", channels, "--min-size", min_size,
-                           "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        train.get_args(TINY + ["--data-root", tiny_root, "--channels", channels, "--min-size", min_size,
+                               "--max-size", "256", "--output-dir", str(tmp_path / "out")])
+    said = capsys.readouterr().err
+    assert re.search(rf"--channels {channels} with --min-size {min_size}: .* use --channels 64", said), said
+    assert not (tmp_path / "out").exists()  # refused at parse time
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tiny_root, tmp_path, monkeypatch):
@@ -241,13 +246,13 @@ def test_a_failed_run_with_loader_workers_exits(tiny_root, tmp_path):
 
 
 def test_missing_dataset_prints_layout(tmp_path, tiny_root):
-    with pytest.raises(data.RunError, match=r"expected layout(.|\n)*train2017/\*\.jpg(.|\n)*COCO 2017"):
+    with pytest.raises(runs.RunError, match=r"expected layout(.|\n)*train2017/\*\.jpg(.|\n)*COCO 2017"):
         train.main(["--data", "coco", "--data-root", str(tmp_path / "nowhere"), "--pretrained-backbone", "false"])
     import shutil
     root = tmp_path / "partial"
     shutil.copytree(tiny_root, root)
     os.remove(root / "annotations" / "instances_train.json")
-    with pytest.raises(data.RunError, match=r"instances_train.json not found(.|\n)*val/\*\.jpg(.|\n)*synthetic"):
+    with pytest.raises(runs.RunError, match=r"instances_train.json not found(.|\n)*val/\*\.jpg(.|\n)*synthetic"):
         train.main(TINY + ["--data-root", str(root), "--output-dir", str(tmp_path / "out")])
 
 
@@ -257,7 +262,7 @@ def test_unreadable_image_is_named(tiny_root, tmp_path):
     shutil.copytree(tiny_root, root)
     (root / "train" / "000000.jpg").write_bytes(b"not a jpeg")
     ds = data.CocoDetection(*data.coco_paths(str(root), "train"), train=True)
-    with pytest.raises(data.RunError, match="could not read image .*000000.jpg"):
+    with pytest.raises(runs.RunError, match="could not read image .*000000.jpg"):
         ds[0]
 
 
@@ -285,7 +290,7 @@ def test_torchrun_two_processes_train_resume_and_evaluate(tiny_root, tmp_path):
     # that makes a candidate: eval.py still reports every column (pycocotools itself
     # is checked against known detections above)
     assert "FLOPs (1e9 MACs per image, 4 images)" in evaluated.stdout
-    results = json.loads(evaluated.stdout[evaluated.stdout.index("{"):])
+    results = json.loads(open(os.path.join(out, "eval_results.json")).read())  # eval.py writes it beside the checkpoint
     assert set(evaluation.STAT_NAMES) | {"head_gflops_avg", "total_gflops_avg"} <= set(results)
     pngs = os.listdir(os.path.join(out, "visualize"))
     assert any(p.endswith("_detections.png") for p in pngs) and any("_gates_" in p for p in pngs)
@@ -306,7 +311,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_root, tmp_path, workers, grou
     time.sleep(3)
     os.killpg(proc.pid, signal.SIGTERM) if group else proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=120) == 143  # 128 + SIGTERM: a stopped run is not a finished one
     assert "stopped by signal" in rest
     saved = (out / "last_checkpoint").read_text()
     iteration = torch.load(out / saved, weights_only=True)["iteration"]
@@ -319,3 +324,4 @@ def test_amp_on_the_cpu_trains(tiny_root, tmp_path):
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["iteration"] == 2 and all(torch.isfinite(torch.tensor(v)) for k, v in record.items()
                                             if k.startswith("loss"))
+    assert 0 < record["mem_mb"] <= record["peak_mem_mb"]  # resident memory now, beside its peak
