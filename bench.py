@@ -5,6 +5,7 @@ run: how much of the gates' sparsity (§2.2.3) turns into wall-clock time and me
     python bench.py                      # both parts, on CUDA if present, else the CPU
     python bench.py --part head          # the whole tower (BENCHMARKS.md)
     python bench.py --part conv --device cpu --dtype float32
+    python bench.py --part memory --iterations 1000   # a long training run's memory (minutes)
 
 Part (a), `conv`: one 3x3 256->256 conv and one depthwise 3x3 conv on a P3-sized
 map (100x168, an 800x1333 image), batch 1 and 8, masks shaped like real gates
@@ -27,6 +28,12 @@ Part (c), `ops`: the aten ops that one inference forward and one training step
 of both D8 towers dispatch (views excluded), counted on the CPU with the GPU's
 dispatch rule in force (every conv dense): on a GPU each op is a kernel launch,
 and the head is launch-bound there. The fixed towers against the dynamic ones.
+
+Part (d), `memory`: resident memory over a long run of the demo recipe
+(`train.py --data synthetic` at a fixed 256x256 input, bf16 autocast where the CPU
+computes it), logged every 20 iterations in metrics.jsonl: as train.py runs, and
+with its bounds on native caches and its heap trimming switched off, in turns,
+--rounds times each; their s/iter from iteration 100 on.
 
 Times are medians of --repeats runs, the contenders interleaved in one process.
 Peak memory, in a second pass: of the tensors allocated, from CUDA's allocator
@@ -373,6 +380,53 @@ def print_ops():
         print(f"{name:>8} {executed:8.1%} {infer:9d} {step:10d}  {common}")
 
 
+# -----------------------------------------------------------------------------
+# (d) memory over a long run
+
+MEMORY_RUN = """import sys, train
+if {unbounded}:  # the bounds switched off: oneDNN's and ideep's default caches, glibc's heap untrimmed
+    train.bound_native_caches = lambda: None
+    train.heap_trimmer = lambda: (lambda: None)
+sys.exit(train.main({argv!r}))"""
+
+
+def memory_runs(iterations, rounds):
+    """Train the demo recipe `rounds` times as train.py runs it and as many without
+    its memory bounds, in turns; yield (name, metrics records) of each run."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+    here = os.path.dirname(os.path.abspath(__file__))
+    for _ in range(rounds):
+        for name, unbounded in (("train.py", False), ("unbounded", True)):
+            out = tempfile.mkdtemp(prefix="bench_memory_")
+            argv = ["--data", "synthetic", "--min-size", "256", "--max-size", "256", "--max-iter", str(iterations),
+                    "--checkpoint-period", str(iterations + 1), "--output-dir", out, "--overwrite"]
+            try:
+                subprocess.run([sys.executable, "-c", MEMORY_RUN.format(unbounded=unbounded, argv=argv)], cwd=here,
+                               check=True, stdout=subprocess.DEVNULL)
+                with open(os.path.join(out, "metrics.jsonl")) as f:
+                    yield name, [json.loads(line) for line in f]
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+
+
+def print_memory(runs, iterations):
+    marks = sorted({i for i in (100, 200, 400, 600, 800, 1000, iterations) if i <= iterations})
+    print("\n(d) resident memory (MB) of the demo recipe at 256x256 by iteration; s/iter from iteration 100 on")
+    print("| run | " + " | ".join(str(i) for i in marks) + f" | {marks[-1]} / 100 | s/iter |")
+    print("|---|" + "---|" * (len(marks) + 2))
+    for name, records in runs:
+        mem = {r["iteration"]: r["mem_mb"] for r in records}
+        total = {r["iteration"]: r["s_per_iter"] * r["iteration"] for r in records}  # the log's running mean
+        last = max(total)
+        sec = (total[last] - total[100]) / (last - 100) if 100 in total and last > 100 else float("nan")
+        ratio = mem[marks[-1]] / mem[100] if 100 in mem and marks[-1] in mem else float("nan")
+        print(f"| {name} | " + " | ".join(f"{mem[i]:.0f}" if i in mem else "-" for i in marks) +
+              f" | {ratio:.2f} | {sec:.3f} |")
+
+
 def measure(cases, device, repeats):
     """Times first (the process's usual allocator), then peak memory."""
     for c in cases:
@@ -386,7 +440,10 @@ def measure(cases, device, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("conv", "head", "ops", "all"), default="all")
+    parser.add_argument("--part", choices=("conv", "head", "ops", "memory", "all"), default="all",
+                        help="all: conv, head and ops (memory takes a long training run: ask for it)")
+    parser.add_argument("--iterations", type=int, default=1000, help="iterations of each run of part (d)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of part (d) of each kind, in turns")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="default: float32 on the CPU, bfloat16 on CUDA")
@@ -396,6 +453,12 @@ def main():
     parser.add_argument("--executed", type=float, nargs="+", default=[0.5, 0.25, 0.1],
                         help="the executed fractions of part (b)")
     args = parser.parse_args()
+    if args.part == "memory":
+        print(f"CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; the demo's synthetic set under "
+              f"datasets/synthetic")
+        runs = list(memory_runs(args.iterations, args.rounds))
+        print_memory(runs, args.iterations)
+        return
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     head_batch = args.head_batch or (8 if device.type == "cuda" else 1)

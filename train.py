@@ -6,14 +6,19 @@ script, single process or torchrun DDP:
     torchrun --nproc_per_node 8 train.py --depth 8 --lam 0.4   # COCO, the paper's 1x recipe
 
 The loss is Eq. 6: focal + GIoU + centerness + lambda * budget. Only rank 0 logs
-and saves. Checkpoints are written atomically; --resume continues from the newest
-one, exactly (model, optimizer, schedule, AMP scaler, data order, RNG states).
-SIGTERM or Ctrl-C saves a checkpoint before exiting.
+and saves. Every flag is checked when it is parsed, every file the run reads
+before its first iteration. Checkpoints are written atomically (runs.py); --resume
+continues from the newest one, exactly (model, optimizer, schedule, AMP scaler,
+data order, RNG states). SIGTERM or Ctrl-C saves a checkpoint and exits with 143
+or 130: a stopped run never looks finished.
 
-Map: get_args (the recipes as defaults) -> main: setup, build, resume, the loop
-(train), then the final checkpoint and evaluation.
+Map: SWITCHES (the paper's tables as flags), get_args (the recipes as defaults,
+every flag checked) -> main: setup (datasets checked), build (backbone weights
+checked), resume, the loop (train), then the final checkpoint and evaluation.
 """
 import argparse
+import ctypes
+import ctypes.util
 import datetime
 import json
 import math
@@ -552,10 +557,11 @@ class MetricLog:
     """Every 20 iterations rank 0 prints and appends to metrics.jsonl the losses, lr,
     the head's executed/full MAC ratio, s/iter, data time, ETA, and the memory in
     use and its peak (the only host syncs of the loop, besides the finite-loss
-    check)."""
+    check); every TRIM_EVERY iterations each rank hands its heap's free pages back."""
 
     def __init__(self, args, run, start):
         self.args, self.run, self.start, self.tic = args, run, start, time.perf_counter()
+        self.trim_heap = heap_trimmer()
         self.file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a", buffering=1) if run.master else None
 
     def __enter__(self):
@@ -566,6 +572,11 @@ class MetricLog:
             self.file.close()
 
     def step(self, done, loss, losses, optimizer, model, data_time):
+        self.log(done, loss, losses, optimizer, model, data_time)
+        if done % TRIM_EVERY == 0:
+            self.trim_heap()  # every rank; after the record, whose mem_mb is what the steps since kept
+
+    def log(self, done, loss, losses, optimizer, model, data_time):
         if not self.run.master or not (done % 20 == 0 or done == self.args.max_iter):
             return
         sec = (time.perf_counter() - self.tic) / (done - self.start)
@@ -619,6 +630,40 @@ def run_eval(model, run, args, stop, name="eval_results.json"):
     return True
 
 
+# -----------------------------------------------------------------------------
+# Memory that stays flat over a long run on the CPU
+#
+# The sparse head's gathered GEMMs change shape every step, as the gates move. oneDNN
+# and PyTorch's ideep keep a compiled primitive per shape they meet, up to 1024 each
+# by default at about 0.3 MB apiece, and those allocations, amid tensors of ever-new
+# sizes, pin glibc's heap: the demo's resident memory grew by a quarter from iteration
+# 100 to 400. Caches of CACHED_SHAPES shapes (a step of the demo, or of a D8 head,
+# reuses about 155 and meets up to ~60 new ones) and the heap's free pages handed
+# back every TRIM_EVERY iterations keep it flat (BENCHMARKS.md). Each hand-back costs
+# the next step ~0.2 s of page faults (its working set comes back): ~0.3% per
+# iteration at this period.
+CACHED_SHAPES = 256
+TRIM_EVERY = 100
+
+
+def bound_native_caches():
+    """Cap oneDNN's and ideep's caches of primitives, unless the environment sets
+    them; both read these variables when first used, so this runs before any op."""
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(CACHED_SHAPES))
+
+
+def heap_trimmer():
+    """glibc's malloc_trim(0), which returns the heap's free pages to the system
+    (without it glibc keeps them for allocations that rarely fit again); a no-op
+    where the C library has none."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
 def memory_mb(device):
     """Memory in use now: on a GPU the tensors' bytes, on the CPU the process's
     resident set (Linux's /proc; None elsewhere)."""
@@ -640,6 +685,7 @@ def peak_memory_mb(device):
 def main(argv=None):
     """Train and evaluate; returns the exit code: 0 done, 128 + N if signal N stopped
     the run before its end (it saved a checkpoint; --resume continues)."""
+    bound_native_caches()
     args = get_args(argv)
     run = setup(args)
     try:
