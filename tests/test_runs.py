@@ -17,6 +17,7 @@ import torchvision
 from PIL import Image
 
 import data
+import eval as evaluation
 import runs
 import train
 
@@ -331,6 +332,21 @@ def test_flags_out_of_range_or_at_odds_are_refused_at_parse_time(flags, said, ca
         said += " 1 CUDA device(s), cuda:0..cuda:0"
     with pytest.raises(SystemExit):
         train.get_args(flags)
+    assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--min-score", "2"], "--min-score is a score between 0 and 1, got 2.0"),
+    (["--visualize", "-1"], "--visualize must be 0 or more, got -1"),
+    (["--images", "x.jpg", "--visualize", "2"], "--visualize: --images runs the model on image files"),
+    (["--images", "x.jpg", "--data", "coco"], "--data: --images runs the model on image files"),
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
+    (["--output-dir", "README.md"], "--output-dir README.md is a file, not a folder"),
+])
+def test_eval_flags_out_of_range_or_at_odds_are_refused(flags, said, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        evaluation.get_args(["--checkpoint", "model_final.pth"] + flags)
     assert said in capsys.readouterr().err
 
 
