@@ -6,6 +6,7 @@ run: how much of the gates' sparsity (§2.2.3) turns into wall-clock time and me
     python bench.py --part head          # the whole tower (BENCHMARKS.md)
     python bench.py --part conv --device cpu --dtype float32
     python bench.py --part memory --iterations 1000   # a long training run's memory (minutes)
+    python bench.py --part gpu                  # on one GPU, ~8 minutes: bench_gpu.py, bench_gpu.md
 
 Part (a), `conv`: one 3x3 256->256 conv and one depthwise 3x3 conv on a P3-sized
 map (100x168, an 800x1333 image), batch 1 and 8, masks shaped like real gates
@@ -372,12 +373,20 @@ def count_ops(gated, train, channels=64, batch=2):
 
 def print_ops():
     print("\n(c) aten ops dispatched (views excluded) by both D8 towers, batch 2, 64 channels, levels "
-          "32x48..2x3, counted on the CPU under the GPU's dispatch rule (every conv dense)")
-    print(f"{'tower':>8} {'executed':>8} {'inference':>9} {'train step':>10}  most frequent in a training step")
-    for name, gated in (("fixed", ()), ("dynamic", ("depth", "scale"))):
-        (infer, _, executed), (step, ops, _) = count_ops(gated, False), count_ops(gated, True)
+          "32x48..2x3, counted on the CPU: the dynamic towers as sparse.py runs them under the GPU's dispatch "
+          "rule (every conv dense), and on the GPU's static engine (sparse_gpu.py, each masked conv one op)")
+    print(f"{'tower':>8} {'engine':>7} {'executed':>8} {'inference':>9} {'train step':>10}  most frequent in a "
+          f"training step")
+    for name, gated, engine in (("fixed", (), "-"), ("dynamic", ("depth", "scale"), "sparse"),
+                                ("dynamic", ("depth", "scale"), "static")):
+        static = sparse.STATIC
+        sparse.STATIC = static | {"cpu"} if engine == "static" else static
+        try:
+            (infer, _, executed), (step, ops, _) = count_ops(gated, False), count_ops(gated, True)
+        finally:
+            sparse.STATIC = static
         common = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
-        print(f"{name:>8} {executed:8.1%} {infer:9d} {step:10d}  {common}")
+        print(f"{name:>8} {engine:>7} {executed:8.1%} {infer:9d} {step:10d}  {common}")
 
 
 # -----------------------------------------------------------------------------
@@ -440,8 +449,10 @@ def measure(cases, device, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("conv", "head", "ops", "memory", "all"), default="all",
-                        help="all: conv, head and ops (memory takes a long training run: ask for it)")
+    parser.add_argument("--part", choices=("conv", "head", "ops", "memory", "gpu", "all"), default="all",
+                        help="all: conv, head and ops (memory takes a long training run, gpu a GPU: ask for them)")
+    parser.add_argument("--smoke", action="store_true", help="--part gpu at toy sizes on any device (a try-out)")
+    parser.add_argument("--report", default="bench_gpu.md", help="--part gpu's markdown report (default bench_gpu.md)")
     parser.add_argument("--iterations", type=int, default=1000, help="iterations of each run of part (d)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of part (d) of each kind, in turns")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -453,6 +464,9 @@ def main():
     parser.add_argument("--executed", type=float, nargs="+", default=[0.5, 0.25, 0.1],
                         help="the executed fractions of part (b)")
     args = parser.parse_args()
+    if args.part == "gpu":
+        import bench_gpu
+        return bench_gpu.main(args)
     if args.part == "memory":
         print(f"CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; the demo's synthetic set under "
               f"datasets/synthetic")
@@ -486,4 +500,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

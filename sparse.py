@@ -36,9 +36,11 @@ it reads.
 
 Where gathering loses to the dense conv (high density, tiny maps, every conv on a
 GPU: see BENCHMARKS.md) the dense conv runs and is masked; same numbers either way.
+On a GPU the head itself runs sparse_gpu.py's engine (STATIC): static shapes, no
+host sync, Triton's masked convs.
 
 Map:
-    DENSE_ABOVE, use_dense      the dispatch rule
+    DENSE_ABOVE, use_dense      the dispatch rule; STATIC, the devices of sparse_gpu.py
     _GatherConv                 the gather -> GEMM kernel, forward and backward
     group_norm_rows             GroupNorm of rows, statistics per segment
     ActiveSet, masked_conv2d,   one masked conv (or GroupNorm) on a map of its own
@@ -75,6 +77,9 @@ DENSE_ABOVE = {
 BLOCK_NORM = {"cpu": True, "cuda": False}
 BLOCK_ROWS = 64
 MIN_PIXELS = 64  # a lone map with fewer pixels per image runs dense: nothing to gain
+# The devices whose dynamic head runs sparse_gpu.py's static-shape engine: on a GPU a
+# host sync per router phase and a launch per small op cost more than its dense passes
+STATIC = {"cuda"}
 # A chunk of pixels holds at most CHUNK_BYTES of working memory (CPU: one GEMM of
 # 4-9 thousand rows runs 10-20% faster than two of half as many; CUDA: few large
 # chunks, few launches) and at most CHUNK_OF_DENSE times the output of the dense
@@ -506,6 +511,20 @@ def max3x3(gate):
 # -----------------------------------------------------------------------------
 # The pyramid packed into one canvas
 
+def layout(sizes):
+    """The canvas of levels of these (h, w) sizes (Canvas's drawing): its height and
+    width, the first row of the band below level 0, and each level's region
+    (y, x, h, w)."""
+    (h0, w0), rest = sizes[0], sizes[1:]
+    corners, x = [(1, 1)], 1
+    for h, w in rest:
+        corners.append((h0 + 2, x))
+        x += w + 1
+    H = h0 + 2 + (max(h for h, _ in rest) + 1 if rest else 0)
+    band = h0 + 1  # the rows from here down hold the levels below level 0 (and their frame)
+    return H, max(w0 + 2, x), band, [(y, x, h, w) for (y, x), (h, w) in zip(corners, sizes)]
+
+
 class Canvas:
     """The levels of a pyramid packed into one map, each framed by zeros: level 0
     on top, the others side by side below it (for an 800x1333 input, 153x170
@@ -522,16 +541,8 @@ class Canvas:
     convolves reads the frame as padding."""
 
     def __init__(self, sizes, batch, device):
-        (h0, w0), rest = sizes[0], sizes[1:]
-        corners, x = [(1, 1)], 1
-        for h, w in rest:
-            corners.append((h0 + 2, x))
-            x += w + 1
-        self.H = h0 + 2 + (max(h for h, _ in rest) + 1 if rest else 0)
-        self.band = h0 + 1  # the rows from here down hold the levels below level 0 (and their frame)
-        self.W = max(w0 + 2, x)
+        self.H, self.W, self.band, self.regions = layout(sizes)
         self.B, self.sizes, self.device = batch, list(sizes), device
-        self.regions = [(y, x, h, w) for (y, x), (h, w) in zip(corners, sizes)]
         level = torch.full((self.H, self.W), -1, dtype=torch.long)
         for n, (y, x, h, w) in enumerate(self.regions):
             level[y:y + h, x:x + w] = n
@@ -980,7 +991,12 @@ class _Residual(torch.autograd.Function):
 
 def run_head(head, features, tally):
     """The routers of a dynamic head (dynhead.DynamicHead) over a pyramid, on one
-    canvas: the same numbers as the per-level reference, values and gradients."""
+    canvas: the same numbers as the per-level reference, values and gradients. On
+    the devices of STATIC, sparse_gpu.py's engine runs it (static shapes, no host
+    sync, Triton's masked convs)."""
+    if features[0].device.type in STATIC:
+        import sparse_gpu
+        return sparse_gpu.run_head(head, features, tally)
     sizes = tuple(tuple(f.shape[-2:]) for f in features)
     cv = Canvas.of(sizes, features[0].shape[0], features[0].device)
     x = _Pack.apply(cv, *features)

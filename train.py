@@ -45,7 +45,7 @@ from fcos import MODEL_KEYS, build_model
 RECIPES = {
     "coco": dict(backbone="resnet50", pretrained_backbone="true", min_size=800, max_size=1333, channels=256,
                  depth=8, ims_per_batch=16, optimizer="sgd", lr=0.01, max_iter=90000, steps=[60000, 80000],
-                 warmup=1000, checkpoint_period=5000, data_root="datasets/coco", workers=4, amp="off"),
+                 warmup=1000, checkpoint_period=5000, data_root="datasets/coco", workers=4, amp="auto"),
     # workers 0: on a 2-core machine a loader process takes a core from the model's two
     # threads (30-40% slower iterations); its 8 small JPEGs decode in ~40 ms per iteration
     "synthetic": dict(backbone="resnet18", pretrained_backbone="false", min_size=256, max_size=352, channels=128,
@@ -69,8 +69,10 @@ RECIPE_FLAGS = {  # flag -> (help, type, nargs, choices); the defaults come from
                       "warmup follow it (linear rule) unless given", int, None, None),
     "checkpoint_period": ("iterations between checkpoints", int, None, None),
     "workers": ("data loader processes per rank", int, None, None),
-    "amp": ("mixed precision: fp16 on CUDA, bf16 on the CPU; auto: where the device computes it\n"
-            "natively (a GPU; a CPU with AVX512-BF16 or AMX), else fp32", str, "?", ("on", "off", "auto")),
+    "amp": ("mixed precision: bf16 where the device computes it (GPUs from Ampere on; CPUs),\n"
+            "fp16 with loss scaling on older GPUs; auto: on for CUDA and for a CPU with\n"
+            "AVX512-BF16 or AMX, else fp32 (TF32 for CUDA's fp32 matmuls and convs)", str, "?",
+            ("on", "off", "auto")),
 }
 
 
@@ -160,6 +162,9 @@ def get_args(argv=None):
                    "(a hung rank then fails the run) (default 10)")
     p.add_argument("--eval-period", type=int, default=0, help="iterations between evaluations; 0: only at the "
                    "end (default 0)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the model for training (--compile alone: inductor; the head's\n"
+                        "dynamic towers trace without a graph break on CUDA) (default off)")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default cuda where there is one); under torchrun each\n"
@@ -338,6 +343,8 @@ def setup(args):
     namespace of the run."""
     run = argparse.Namespace(**runs.setup_distributed(args.device, args.dist_timeout))
     run.log = print if run.master else (lambda *a, **k: None)
+    if run.device.type == "cuda":  # fp32 matmuls and convs on tensor cores (TF32), as the 1x recipe is run
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.ims_per_batch % run.world:
         raise runs.RunError(f"--ims-per-batch {args.ims_per_batch} is not divisible by {run.world} processes")
     late = [s for s in args.steps if s >= args.max_iter] + ([args.warmup] if args.warmup >= args.max_iter else [])
@@ -453,7 +460,9 @@ def build(args, run):
     else:
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, args))
-    run.amp_dtype = torch.float16 if run.device.type == "cuda" else torch.bfloat16
+    # bf16 keeps fp32's range: no loss scaling; fp16 (GPUs before Ampere) needs it
+    cuda_bf16 = run.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    run.amp_dtype = torch.float16 if run.device.type == "cuda" and not cuda_bf16 else torch.bfloat16
     scaler = torch.amp.GradScaler(run.device.type, enabled=args.amp and run.amp_dtype == torch.float16)
     return model, optimizer, scheduler, scaler
 
@@ -504,6 +513,8 @@ def train(args, run, model, optimizer, scheduler, scaler, start, stop):
     stopped the run first."""
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
                                                     else None) if run.distributed else model
+    if args.compile:
+        ddp = torch.compile(ddp, backend=args.compile)  # checkpoints and evaluation keep the plain model
     saved = [start]  # the iteration of the newest checkpoint
 
     def save(iteration, name=None):

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.ops import box_iou
 
 import data
 import eval as evaluation

@@ -4,11 +4,9 @@ import datetime
 import math
 import os
 import socket
-import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 import fcos

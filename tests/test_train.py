@@ -325,3 +325,15 @@ def test_amp_on_the_cpu_trains(tiny_root, tmp_path):
     assert record["iteration"] == 2 and all(torch.isfinite(torch.tensor(v)) for k, v in record.items()
                                             if k.startswith("loss"))
     assert 0 < record["mem_mb"] <= record["peak_mem_mb"]  # resident memory now, beside its peak
+
+
+def test_compile_trains_as_eager(tiny_root, tmp_path):
+    # --compile BACKEND: aot_eager traces forward and backward as inductor would, without
+    # its code generation (minutes on 2 cores); one step lands on eager's weights
+    common = TINY + ["--data-root", tiny_root, "--max-iter", "1"]
+    train.main(common + ["--output-dir", str(tmp_path / "eager")])
+    assert train.main(common + ["--output-dir", str(tmp_path / "compiled"), "--compile", "aot_eager"]) == 0
+    a, b = weights(tmp_path / "eager", "model_final.pth"), weights(tmp_path / "compiled", "model_final.pth")
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6), k
+    assert runs.read_checkpoint(str(tmp_path / "compiled" / "model_final.pth"))["args"]["compile"] == "aot_eager"
