@@ -4,6 +4,7 @@ run: how much of the gates' sparsity (§2.2.3) turns into wall-clock time and me
 
     python bench.py                      # both parts, on CUDA if present, else the CPU
     python bench.py --part head          # the whole tower (BENCHMARKS.md)
+    python bench.py --part head --checkpoint output/model_final.pth [--images PATH ...]
     python bench.py --part conv --device cpu --dtype float32
     python bench.py --part memory --iterations 1000   # a long training run's memory (minutes)
     python bench.py --part gpu                  # on one GPU, ~8 minutes: bench_gpu.py, bench_gpu.md
@@ -24,6 +25,12 @@ level by level (dynhead.py alone: the correctness reference, not a baseline).
 Columns: times, speedup of sparse over fixed, the ideal speedup (the fixed
 tower's MACs over the executed MACs), their ratio, peak memory. Inference forward,
 and a training step (forward + backward).
+
+With --checkpoint, part (b) runs on a trained model's own gates instead of blobs:
+its FPN features and the gates its towers compute, image by image (--images, or
+the first --num-images of its validation split), its towers as sparse.py runs
+them against fixed towers of the same depth and width; per image the executed
+fraction of the towers' MACs, the times, the speedup and the ideal one.
 
 Part (c), `ops`: the aten ops that one inference forward and one training step
 of both D8 towers dispatch (views excluded), counted on the CPU with the GPU's
@@ -55,6 +62,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynhead
+import runs
 import sparse
 
 P3 = (100, 168)  # stride 8 of an 800x1333 image, padded to a multiple of 32
@@ -302,6 +310,62 @@ def head_cases(device, dtype, batch, targets, gates):
                 "sparse": lambda d=density, t=train: run(dynamic, d, t)})
 
 
+def checkpoint_cases(path, images, num_images, device):
+    """Part (b) on a checkpoint's own gates: one case per image (batch 1, inference),
+    its FPN features computed once; the model's towers (sparse.py) against fixed
+    towers of the same depth and width (weights of no matter: every path runs)."""
+    import data
+    import eval as evaluation
+    model, checkpoint = evaluation.load_model(path)
+    model.eval().to(device)
+    towers = list(model.towers.values())
+    if not all(isinstance(t, dynhead.DynamicHead) and t.dynamic for t in towers):
+        raise runs.RunError(f"{path}: its head ({checkpoint['args'].get('head')}) has no gates; --checkpoint times "
+                            f"the dynamic head on the gates it computes: pass a checkpoint of --head dynamic")
+    if images:
+        pictures = [(f, data.read_image(f, upright=True)) for f in evaluation.image_files(images)]
+    else:
+        run = checkpoint["args"]
+        split = evaluation.val_dataset(run["data"], run["data_root"])
+        pictures = [(split.coco.imgs[split.ids[i]]["file_name"], split[i][0]) for i in range(min(num_images, len(split)))]
+    t = towers[0]
+    fixed = [dynhead.DynamicHead(t.channels, len(t.routers), t.num_levels, gated=(),
+                                 gn_groups=t.routers[0].depth.gn1.num_groups).to(device).to(
+        memory_format=torch.channels_last) for _ in towers]
+
+    def run_all(heads, features):
+        for head in heads:
+            head(features)
+
+    for name, image in pictures:
+        with torch.no_grad():
+            if hasattr(model, "preprocess"):  # FCOS
+                batch = model.preprocess([image.to(device)])[0]
+            else:  # torchvision's detectors (RetinaNet, FreeAnchor, EfficientDet): their transform
+                batch = model.transform([image.to(device)])[0].tensors
+            features = [f.contiguous(memory_format=torch.channels_last) for f in model.backbone(batch).values()]
+            run_all(towers + fixed, features)
+        executed = sum(t.cost.executed.sum() for t in towers) / sum(t.cost.full.sum() for t in towers)
+        ideal = sum(f.cost.full.sum() for f in fixed) / sum(t.cost.executed.sum() for t in towers)
+        yield dict(image=os.path.basename(name), size=tuple(batch.shape[-2:]), executed=executed.item(),
+                   ideal=ideal.item(), kind="checkpoint", fns={"fixed": lambda f=features: run_all(fixed, f),
+                                                              "sparse": lambda f=features: run_all(towers, f)})
+
+
+def print_checkpoint(cases, path, device):
+    print(f"\n(b) the towers of {path} on their own gates, both branches, batch 1, {device.type} fp32, inference; "
+          f"times in ms. fixed: fixed towers of the same depth and width; sparse: the checkpoint's, as sparse.py "
+          f"runs them; executed: of the towers' MACs")
+    print(f"{'image':>24} {'input':>9} {'executed':>8} {'fixed':>7} {'sparse':>7} {'speedup':>7} {'ideal':>6}")
+    for c in cases:
+        t = c["time"]
+        print(f"{c['image'][-24:]:>24} {'x'.join(map(str, c['size'])):>9} {c['executed']:8.1%} "
+              f"{t['fixed'] * 1e3:7.1f} {t['sparse'] * 1e3:7.1f} {t['fixed'] / t['sparse']:6.2f}x {c['ideal']:5.2f}x")
+    fixed, sparse_time = sum(c["time"]["fixed"] for c in cases), sum(c["time"]["sparse"] for c in cases)
+    print(f"{'all':>24} {'':>9} {statistics.mean(c['executed'] for c in cases):8.1%} {fixed * 1e3:7.1f} "
+          f"{sparse_time * 1e3:7.1f} {fixed / sparse_time:6.2f}x")
+
+
 def print_head(cases, device, dtype, batch):
     print(f"\n(b) one D8 tower, 256 channels, levels {'/'.join(f'{h}x{w}' for h, w in PYRAMID)} (800x1333), "
           f"batch {batch}, {device.type} {dtype}, channels_last; times in ms. fixed: the fixed tower (every path "
@@ -447,7 +511,7 @@ def measure(cases, device, repeats):
                            if k not in ("gather", "reference")}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("conv", "head", "ops", "memory", "gpu", "all"), default="all",
                         help="all: conv, head and ops (memory takes a long training run, gpu a GPU: ask for them)")
@@ -463,7 +527,23 @@ def main():
     parser.add_argument("--head-batch", type=int, help="batch of part (b); default 1 on the CPU, 8 on CUDA")
     parser.add_argument("--executed", type=float, nargs="+", default=[0.5, 0.25, 0.1],
                         help="the executed fractions of part (b)")
-    args = parser.parse_args()
+    parser.add_argument("--checkpoint", help="part (b) on this checkpoint's own gates (a dynamic head)")
+    parser.add_argument("--images", nargs="+", metavar="PATH", help="with --checkpoint: image files or folders "
+                        "(default: its validation split's first --num-images)")
+    parser.add_argument("--num-images", type=int, default=4)
+    args = parser.parse_args(argv)
+    if (args.images or args.checkpoint) and args.part != "head":
+        parser.error("--checkpoint and --images time part (b): pass --part head")
+    if args.images and not args.checkpoint:
+        parser.error("--images are run through a model's backbone and towers: pass --checkpoint too")
+    if args.checkpoint:
+        device = torch.device(args.device)
+        cases = list(checkpoint_cases(args.checkpoint, args.images, args.num_images, device))
+        with torch.no_grad():
+            for c in cases:
+                c["time"] = dict(zip(c["fns"], median_times(list(c["fns"].values()), device, args.repeats)))
+        print_checkpoint(cases, args.checkpoint, device)
+        return 0
     if args.part == "gpu":
         import bench_gpu
         return bench_gpu.main(args)
@@ -500,4 +580,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runs.run_cli(main))

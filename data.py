@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -51,14 +51,18 @@ SOURCES = {"2017": "(COCO 2017 from https://cocodataset.org/#download)",
 GREY16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit grey PNGs and TIFFs
 
 
-def read_image(path):
+def read_image(path, upright=False):
     """(3, H, W) float in [0, 1] from any image file PIL reads: 8-bit modes (grey,
     palette, RGB, RGBA, CMYK, ...) through RGB, 16-bit grey with its real values
     (PIL's convert("RGB") would clip them to 255: an all-white image); a mode that
-    holds no such values is refused by name."""
+    holds no such values is refused by name. upright: turned as its EXIF
+    orientation says (a camera's photo as it is shown); a dataset's images are
+    read as stored, the frame of their annotations."""
     try:
         with Image.open(path) as f:
             f.load()
+            if upright:
+                f = ImageOps.exif_transpose(f)
             if f.mode in GREY16:
                 values = np.asarray(f)
                 if values.max(initial=0) > 65535 or values.min(initial=0) < 0:

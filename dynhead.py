@@ -209,10 +209,15 @@ class ScalePath(nn.Module):
     """A scale path (up or down): depthwise 3x3 conv + GN at the source level,
     weighted by its gate; the router resizes it to the neighbour level. The
     depthwise conv has a bias, as in the authors' model: a GroupNorm of several
-    channels per group does not absorb a per-channel bias."""
+    channels per group does not absorb a per-channel bias.
 
-    def __init__(self, channels, gn_groups):
+    dense_norm: the GroupNorm's statistics over every pixel of the level, then the
+    gate -- how the authors' code computes a scale path (their released models
+    were trained so); this project's default takes them over the computed pixels."""
+
+    def __init__(self, channels, gn_groups, dense_norm=False):
         super().__init__()
+        self.dense_norm = dense_norm
         self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
         self.gn = nn.GroupNorm(gn_groups, channels)
         nn.init.normal_(self.conv.weight, std=0.01)
@@ -221,6 +226,8 @@ class ScalePath(nn.Module):
         self.convs = 1
 
     def forward(self, x, gate=None, active=None):
+        if self.dense_norm:
+            active = None  # computed everywhere; the gate zeroes what it switches off
         y = masked_conv2d(x, active, self.conv.weight, self.conv.bias, groups=self.conv.groups)
         y = masked_group_norm(y, active, self.gn.num_groups, self.gn.weight, self.gn.bias, self.gn.eps)
         return y if gate is None else gate * y
@@ -256,10 +263,11 @@ class Router(nn.Module):
     parameter); a dynamic head learns alpha from 0, so its scale paths start silent.
     """
 
-    def __init__(self, channels, gated, activation, tau, coarse, gn_groups):
+    def __init__(self, channels, gated, activation, tau, coarse, gn_groups, dense_scale_norm=False):
         super().__init__()
         self.depth = DepthPath(channels, gn_groups)
-        self.down, self.up = ScalePath(channels, gn_groups), ScalePath(channels, gn_groups)
+        self.down = ScalePath(channels, gn_groups, dense_scale_norm)
+        self.up = ScalePath(channels, gn_groups, dense_scale_norm)
         self.alpha = nn.Parameter(torch.zeros(1)) if gated else None
         self.beta = nn.Parameter(torch.ones(1))
         gate = lambda p: SpatialGate(channels, p, activation, tau, coarse)
@@ -401,10 +409,13 @@ class DynamicHead(nn.Module):
         -- the default -- or none, which is the fixed head of Tab. 1: every path
         on, no gates, the arrivals weighted 1). An ungated path runs everywhere.
     activation, tau: Tab. 2's gate activations; coarse=True: Tab. 1's coarse gates.
+    dense_scale_norm: the scale paths' GroupNorm statistics over every pixel, as
+        the authors' code takes them (ScalePath); executed MACs still count the
+        gated pixels, as theirs do.
     """
 
     def __init__(self, channels=256, depth=8, num_levels=5, gated=PATH_TYPES, activation="proposed",
-                 tau=1.5, coarse=False, gn_groups=32):
+                 tau=1.5, coarse=False, gn_groups=32, dense_scale_norm=False):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
@@ -420,7 +431,7 @@ class DynamicHead(nn.Module):
         self.channels, self.num_levels = channels, num_levels
         self.gated = tuple(p for p in PATH_TYPES if p in gated)
         self.routers = nn.ModuleList(
-            Router(channels, self.gated, activation, tau, coarse, gn_groups) for _ in range(depth))
+            Router(channels, self.gated, activation, tau, coarse, gn_groups, dense_scale_norm) for _ in range(depth))
         self.dense = False  # True: the per-level reference even where sparse.py is present
         self.cost = None
         self.gates = None

@@ -212,7 +212,7 @@ def run_on_images(model, paths, class_names, device, output_dir, min_score=0.3):
     failed = 0
     for path, name in zip(files, output_names(files)):
         try:
-            image = data.read_image(path)
+            image = data.read_image(path, upright=True)
         except runs.RunError as error:
             print(f"error: {error}", file=sys.stderr)
             failed += 1
@@ -230,13 +230,15 @@ def run_on_images(model, paths, class_names, device, output_dir, min_score=0.3):
     return failed
 
 
-def load_model(path, num_classes=None):
-    """The model of a checkpoint, its weights loaded; num_classes: the checkpoint's."""
+def load_model(path, num_classes=None, sizes=None):
+    """The model of a checkpoint, its weights loaded; num_classes: the checkpoint's;
+    sizes: {"min_size": ..., "max_size": ...} in place of the checkpoint's input size."""
     checkpoint = runs.read_checkpoint(path)
     classes = checkpoint.get("classes")
     if num_classes is None and classes is None:
         raise runs.RunError(f"{path} records no class names; evaluate it on its dataset (--data, --data-root)")
-    model = build_model(checkpoint["args"], num_classes or len(classes), pretrained_backbone=False)
+    run = {**checkpoint["args"], **{k: v for k, v in (sizes or {}).items() if v is not None}}
+    model = build_model(run, num_classes or len(classes), pretrained_backbone=False)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
@@ -259,7 +261,13 @@ def get_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default cuda where there is one)")
     parser.add_argument("--workers", type=int, default=2, help="data loader processes per rank (default 2)")
+    parser.add_argument("--min-size", type=int, help="the input's shorter side (default: the checkpoint's)")
+    parser.add_argument("--max-size", type=int, help="the cap on its longer side (default: the checkpoint's; Tab. 4 "
+                        "counts EfficientDet's FLOPs at --min-size 600 --max-size 600)")
     args = parser.parse_args(argv)
+    for key in ("min_size", "max_size"):
+        if getattr(args, key) is not None and getattr(args, key) < 32:
+            parser.error(f"--{key.replace('_', '-')} must be 32 or more, got {getattr(args, key)}")
     if not 0 <= args.min_score <= 1:
         parser.error(f"--min-score is a score between 0 and 1, got {args.min_score}")
     for key in ("visualize", "workers"):
@@ -286,7 +294,7 @@ def main(argv=None):
     if args.images:
         files = image_files(args.images)  # refused before the model loads: a wrong path is found at once
         output_dir = args.output_dir or os.path.join(output_dir, "images")
-        model, checkpoint = load_model(args.checkpoint)
+        model, checkpoint = load_model(args.checkpoint, sizes=sizes(args))
         os.makedirs(output_dir, exist_ok=True)
         return 1 if run_on_images(model.to(args.device), files, checkpoint["classes"], args.device,
                                   output_dir, args.min_score) else 0
@@ -299,7 +307,7 @@ def main(argv=None):
         runs.check_classes(checkpoint, args.checkpoint, dataset, dataset.coco_file)
         dataset.check_evaluable()
         check_images(dataset, processes)
-        model, _ = load_model(args.checkpoint, len(dataset.label_to_category))
+        model, _ = load_model(args.checkpoint, len(dataset.label_to_category), sizes(args))
         os.makedirs(output_dir, exist_ok=True)
         results = evaluate(model.to(device), dataset, device, args.workers, args.visualize, output_dir)
         if results is not None:
@@ -311,6 +319,10 @@ def main(argv=None):
         if processes["distributed"]:
             dist.destroy_process_group()
     return 0
+
+
+def sizes(args):
+    return {"min_size": args.min_size, "max_size": args.max_size}
 
 
 def check_images(dataset, processes):

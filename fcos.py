@@ -9,8 +9,13 @@ FCOS itself is Tian et al., "FCOS: Fully Convolutional One-Stage Object Detectio
 Torchvision provides the ResNet, frozen BatchNorm, the FPN, the focal and GIoU
 losses and NMS; the head and everything FCOS-specific is written here.
 
+The authors' conventions (docs/DESIGN.md §8), where they differ from this project's,
+are one switch, `style="authors"`: their released COCO models (convert.py) run
+with it. Each is a small branch at the line it changes, marked "DESIGN §8 (n)".
+
 Map:
     build_backbone        ResNet (frozen BN, stem + stage 1 frozen), FPN P3-P7
+    msra_strides          the authors' ResNet: res3-5 strided in the first 1x1 conv
     ConvTower, Predictors FCOS's 4-conv tower; the shared 3x3 predictors
     locations             the image point of every feature cell
     assign_targets        center sampling, size ranges, smallest-area tie-break
@@ -21,6 +26,7 @@ Map:
                           of its Criterion, in eval mode its PostProcess's detections
     Criterion             focal + GIoU + centerness + lambda * budget (Eq. 6)
     PostProcess           candidates, class-wise NMS, boxes mapped back
+    authors_size          the authors' test resize: their rounding
     build_model           the model a run's arguments describe
 """
 import math
@@ -36,6 +42,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import batched_nms, box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.transforms.v2 import functional as TF
 
 from dynhead import DynamicHead, HeadCost
 
@@ -46,16 +53,17 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 HEADS = ("fcos", "fixed", "dynamic")
 ASSIGNERS = ("fcos", "atss")
+STYLES = ("torchvision", "authors")  # this project's conventions, or the authors' (DESIGN §8)
 ATSS_TOP_K, ATSS_ANCHOR_SCALE = 9, 8  # candidates per level; anchor side in strides (Zhang et al., 2020)
 # the arguments of a run that the model is built from (checkpoints record them)
 MODEL_KEYS = ("detector", "backbone", "head", "assigner", "depth", "lam", "tau", "activation", "coarse", "gated",
-              "min_size", "max_size", "channels")
+              "min_size", "max_size", "channels", "style")
 
 
 # -----------------------------------------------------------------------------
 # Backbone and FPN (§3.1)
 
-def build_backbone(name, pretrained, channels):
+def build_backbone(name, pretrained, channels, style="torchvision"):
     """ResNet with frozen BatchNorm, stem and first stage frozen, FPN on C3-C5, and
     P6 / P7 by stride-2 3x3 convs on C5 and relu(P6) (docs/DESIGN.md §6; torchvision's
     LastLevelP6P7 starts from P5 instead where C5 has as many channels as the FPN:
@@ -67,6 +75,8 @@ def build_backbone(name, pretrained, channels):
         raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
     norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm)
+    if style == "authors":
+        msra_strides(resnet)
     if pretrained:
         resnet.load_state_dict(imagenet_weights(name, pretrained))
         for part in (resnet.conv1, resnet.layer1):  # stem and first stage stay frozen (§3.1)
@@ -75,6 +85,17 @@ def build_backbone(name, pretrained, channels):
     in_channels = [c5 // 4, c5 // 2, c5]
     return BackboneWithFPN(resnet, {"layer2": "c3", "layer3": "c4", "layer4": "c5"}, in_channels, channels,
                            extra_blocks=LastLevelP6P7(c5, channels))
+
+
+def msra_strides(resnet):
+    """DESIGN §8 (1): the authors' ResNet is MSRA's (Caffe2's, detectron2's): the first
+    block of res3-5 strides in its 1x1 conv1; torchvision's ("ResNet v1.5") in the 3x3
+    conv2. The weights have the same shapes either way, but not the same features.
+    A basic block (resnet18/34) has no 1x1 conv: nothing moves."""
+    for stage in (resnet.layer2, resnet.layer3, resnet.layer4):
+        block = stage[0]
+        if hasattr(block, "conv3"):  # a bottleneck block
+            block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
 
 
 def imagenet_weights(name, pretrained):
@@ -159,13 +180,14 @@ class Predictors(nn.Module):
 # -----------------------------------------------------------------------------
 # Locations and targets (FCOS §3.1-3.3, docs/DESIGN.md §6)
 
-def locations(sizes, device):
+def locations(sizes, device, centred=True):
     """Image points (P, 2) of every cell, (x*s + s//2, y*s + s//2), finest level
-    first, and the level index (P,) of each."""
+    first, and the level index (P,) of each. centred=False: (x*s, y*s), the
+    authors' (DESIGN §8 (3))."""
     points, levels = [], []
     for level, ((h, w), s) in enumerate(zip(sizes, STRIDES)):
         y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        points.append(torch.stack([x.reshape(-1), y.reshape(-1)], 1) * s + s // 2)
+        points.append(torch.stack([x.reshape(-1), y.reshape(-1)], 1) * s + (s // 2 if centred else 0))
         levels.append(torch.full((h * w,), level, device=device))
     return torch.cat(points).float(), torch.cat(levels)
 
@@ -271,32 +293,38 @@ class FCOS(nn.Module):
     pretrained_backbone: True (torchvision's ImageNet weights), False, a file, or a state dict.
     channels: FPN and head width (the paper: 256).
     assigner: "fcos" (center sampling and size ranges) or "atss" (Tab. 4's ATSS).
+    style: "torchvision" (this project's conventions) or "authors" (those of the
+        authors' code and released models, DESIGN §8: MSRA ResNet, locations at
+        x*s, the scale paths' GroupNorm over all pixels, their candidates and
+        clipping, their resize).
     """
 
     def __init__(self, num_classes, backbone="resnet50", head="dynamic", depth=8, lam=0.4, tau=1.5,
                  activation="proposed", coarse=False, gated=("depth", "scale"), pretrained_backbone=True,
-                 min_size=800, max_size=1333, channels=256, assigner="fcos"):
+                 min_size=800, max_size=1333, channels=256, assigner="fcos", style="torchvision"):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
         if assigner not in ASSIGNERS:
             raise ValueError(f"unknown assigner {assigner!r}; expected one of {ASSIGNERS}")
+        if style not in STYLES:
+            raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes, self.head = num_classes, head
+        self.num_classes, self.head, self.style = num_classes, head, style
         self.min_size, self.max_size = min_size, max_size
-        self.backbone = build_backbone(backbone, pretrained_backbone, channels)
+        self.backbone = build_backbone(backbone, pretrained_backbone, channels, style)
         if head == "fcos":
             self.cls_tower, self.reg_tower = ConvTower(channels), ConvTower(channels)
         else:
             gated = () if head == "fixed" else tuple(gated)
             make = lambda: DynamicHead(channels, depth, len(STRIDES), gated=gated, activation=activation, tau=tau,
-                                       coarse=coarse)
+                                       coarse=coarse, dense_scale_norm=style == "authors")  # DESIGN §8 (4)
             self.cls_tower, self.reg_tower = make(), make()
         self.predictors = Predictors(channels, num_classes, len(STRIDES))
         self.dynamic = head == "dynamic" and self.cls_tower.dynamic
         self.criterion = Criterion(num_classes, lam if self.dynamic else 0.0, assigner)
-        self.postprocess = PostProcess()
+        self.postprocess = PostProcess(authors=style == "authors")
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
         self.head_mac_ratio = None  # executed / full head MACs of the last batch: a tensor, read when logged
@@ -324,10 +352,16 @@ class FCOS(nn.Module):
                 raise ValueError(f"image {i}: expected a float (3, H, W) tensor in [0, 1], H and W > 0, "
                                  f"got {img.dtype} {tuple(img.shape)}")
             h, w = img.shape[-2:]
-            scale = min(self.min_size / min(h, w), self.max_size / max(h, w))
-            size = (max(1, round(h * scale)), max(1, round(w * scale)))
-            img = (img.to(self.mean) - self.mean) / self.std  # the model's device and dtype
-            img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
+            if self.style == "authors":  # DESIGN §8 (6): their sizes, PIL's bilinear on the 8-bit image
+                size = authors_size(h, w, self.min_size, self.max_size)
+                img = TF.resize(img.mul(255).round_().clamp_(0, 255).to(torch.uint8), list(size),
+                                antialias=True).float() / 255  # torchvision's uint8 resize: PIL's filter
+                img = (img.to(self.mean) - self.mean) / self.std
+            else:
+                scale = min(self.min_size / min(h, w), self.max_size / max(h, w))
+                size = (max(1, round(h * scale)), max(1, round(w * scale)))
+                img = (img.to(self.mean) - self.mean) / self.std  # the model's device and dtype
+                img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
             resized.append(img), sizes.append(size), scales.append((size[1] / w, size[0] / h))
         H = math.ceil(max(s[0] for s in sizes) / 32) * 32
         W = math.ceil(max(s[1] for s in sizes) / 32) * 32
@@ -370,10 +404,11 @@ class FCOS(nn.Module):
         cls, box, ctr = self.predictors(self.cls_tower(features), self.reg_tower(features))
         cost = self.head_cost(features)
         self.head_mac_ratio = (cost.executed.sum() / cost.full.sum()).detach()  # no host sync here
-        points, levels = locations([f.shape[-2:] for f in features], batch.device)
+        points, levels = locations([f.shape[-2:] for f in features], batch.device, centred=self.style != "authors")
         if self.training:
             return self.criterion(cls, box, ctr, points, levels, targets, cost.soft)
-        results = self.postprocess(cls, box, ctr, points, levels, sizes, scales)
+        originals = [tuple(img.shape[-2:]) for img in images]
+        results = self.postprocess(cls, box, ctr, points, levels, sizes, scales, originals)
         for r, e, f in zip(results, cost.executed.tolist(), cost.full.tolist()):
             r.update(head_macs=e, head_macs_full=f, input_size=tuple(batch.shape[-2:]))
         return results
@@ -447,25 +482,34 @@ class PostProcess(nn.Module):
     authors' code too), the best top_per_level per level by score
     sqrt(cls * centerness) (the authors' code: by class probability), boxes clipped
     to the image, class-wise NMS at nms_iou, the best max_detections, mapped back to
-    the input image's coordinates."""
+    the input image's coordinates.
 
-    def __init__(self, score_thresh=0.05, top_per_level=1000, nms_iou=0.6, max_detections=100):
+    authors=True: the authors' order (DESIGN §8 (5)): per level the top_per_level
+    (at most the level's cells) by class probability, then > score_thresh; NMS on
+    the boxes as predicted; the best max_detections mapped back to the input
+    image, clipped to it there, and empty boxes dropped."""
+
+    def __init__(self, score_thresh=0.05, top_per_level=1000, nms_iou=0.6, max_detections=100, authors=False):
         super().__init__()
         self.score_thresh, self.top_per_level = score_thresh, top_per_level
-        self.nms_iou, self.max_detections = nms_iou, max_detections
+        self.nms_iou, self.max_detections, self.authors = nms_iou, max_detections, authors
 
     @torch.no_grad()
-    def forward(self, cls, box, ctr, points, levels, sizes, scales):
+    def forward(self, cls, box, ctr, points, levels, sizes, scales, originals=None):
         results = []
         for i in range(cls.shape[0]):
-            boxes, scores, labels = self.candidates(cls[i], box[i], ctr[i], points, levels)
-            h, w = sizes[i]
-            boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                                 boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1)
+            pick = self.by_probability if self.authors else self.candidates
+            boxes, scores, labels = pick(cls[i], box[i], ctr[i], points, levels)
+            if not self.authors:
+                boxes = clip(boxes, *sizes[i])
             keep = batched_nms(boxes, scores, labels, self.nms_iou)[:self.max_detections]
             sx, sy = scales[i]
-            results.append({"boxes": boxes[keep] / boxes.new_tensor([sx, sy, sx, sy]),
-                            "scores": scores[keep], "labels": labels[keep]})
+            boxes, scores, labels = boxes[keep] / boxes.new_tensor([sx, sy, sx, sy]), scores[keep], labels[keep]
+            if self.authors:  # DESIGN §8 (5): clipped in the input image after NMS, empty boxes dropped
+                boxes = clip(boxes, *originals[i])
+                kept = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+                boxes, scores, labels = boxes[kept], scores[kept], labels[kept]
+            results.append({"boxes": boxes, "scores": scores, "labels": labels})
         return results
 
     def candidates(self, cls, box, ctr, points, levels):
@@ -483,20 +527,70 @@ class PostProcess(nn.Module):
             scores_all.append(top.values), labels_all.append(keep[:, 1])
         return torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
 
+    def by_probability(self, cls, box, ctr, points, levels):
+        """The authors' candidates (DESIGN §8 (5)): per level the top_per_level
+        (cell, class) pairs by class probability -- at most as many as the level has
+        cells, as their code counts them -- then those above score_thresh; score
+        sqrt(cls * centerness)."""
+        K = cls.shape[1]
+        boxes_all, scores_all, labels_all = [], [], []
+        for level in range(len(STRIDES)):
+            at = levels == level
+            probs = torch.sigmoid(cls[at].float()).flatten()  # (cells * K,), cell-major
+            top = probs.topk(min(self.top_per_level, int(at.sum())))
+            kept = top.values > self.score_thresh
+            index = top.indices[kept]
+            cell, label = index // K, index % K
+            boxes_all.append(ltrb_to_boxes(points[at][cell], box[at][cell].float()))
+            scores_all.append(torch.sqrt(top.values[kept] * torch.sigmoid(ctr[at][cell].float())))
+            labels_all.append(label)
+        return torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+
+
+def clip(boxes, h, w):
+    """Boxes (n, 4) xyxy clipped to an image of h x w."""
+    return torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
+                        boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1)
+
+
+def authors_size(h, w, min_size, max_size):
+    """The authors' resized size (DESIGN §8 (6), detectron2's ResizeShortestEdge): the
+    shorter side to min_size, scaled down where the longer passes max_size, each
+    side rounded as int(x + 0.5)."""
+    scale = min_size / min(h, w)
+    new_h, new_w = (min_size, scale * w) if h < w else (scale * h, min_size)
+    if max(new_h, new_w) > max_size:
+        shrink = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * shrink, new_w * shrink
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+# Tab. 4's detectors and the name of each one's own head (the baseline's towers)
+OWN_HEADS = {"fcos": "fcos", "retinanet": "retinanet", "freeanchor": "retinanet", "efficientdet": "efficientdet"}
+
 
 def build_model(run, num_classes, pretrained_backbone=None):
-    """The model a run's arguments (a dict with MODEL_KEYS) describe: FCOS, or
-    torchvision's RetinaNet with the same choice of towers (retinanet.py)."""
+    """The model a run's arguments (a dict with MODEL_KEYS) describe: FCOS; or
+    torchvision's RetinaNet (retinanet.py), FreeAnchor (freeanchor.py) or
+    EfficientDet-D1 (efficientdet.py) with the same choice of heads."""
     kw = {k: run[k] for k in MODEL_KEYS if k in run}
     kw["gated"] = tuple(kw["gated"])
     detector, assigner = kw.pop("detector", "fcos"), kw.pop("assigner", "fcos")
     kw["pretrained_backbone"] = run["pretrained_backbone"] if pretrained_backbone is None else pretrained_backbone
-    own = {"fcos": "fcos", "retinanet": "retinanet"}[detector]  # the detector's own 4-conv towers
-    if kw["head"] in ("fcos", "retinanet") and kw["head"] != own:
-        raise ValueError(f"head {kw['head']!r} is the other detector's towers; {detector}'s own are {own!r}")
-    if detector == "retinanet":
-        import retinanet  # torchvision's detector; only its towers are this project's
-        if assigner != "fcos":
-            raise ValueError(f"assigner {assigner!r} is FCOS's; RetinaNet matches its anchors by IoU (torchvision's)")
-        return retinanet.RetinaNet(num_classes, **kw)
-    return FCOS(num_classes, assigner=assigner, **kw)
+    own = OWN_HEADS[detector]
+    if kw["head"] in OWN_HEADS.values() and kw["head"] != own:
+        raise ValueError(f"head {kw['head']!r} is another detector's own; {detector}'s own is {own!r}")
+    if detector == "fcos":
+        return FCOS(num_classes, assigner=assigner, **kw)
+    if assigner != "fcos":
+        raise ValueError(f"assigner {assigner!r} is FCOS's; {detector} matches its anchors by IoU")
+    if kw.pop("style", "torchvision") != "torchvision":
+        raise ValueError(f"style 'authors' is the conventions of the authors' FCOS; {detector} has none")
+    if detector == "efficientdet":
+        import efficientdet
+        return efficientdet.EfficientDet(num_classes, **kw)
+    import retinanet  # torchvision's detector; only its towers are this project's
+    if detector == "freeanchor":
+        import freeanchor
+        return freeanchor.FreeAnchor(num_classes, **kw)
+    return retinanet.RetinaNet(num_classes, **kw)

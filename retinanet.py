@@ -72,10 +72,10 @@ class StaticTower(nn.Module):
     """A tower of torchvision's (4 x conv, GroupNorm, ReLU) run level by level, with
     its cost in the form DynamicHead reports it (it computes every pixel)."""
 
-    def __init__(self, tower, channels):
+    def __init__(self, tower, channels, norm=True):
         super().__init__()
         self.tower = tower
-        self.macs_per_pixel = len(tower) * (9 * channels * channels + channels)  # each conv and its GroupNorm
+        self.macs_per_pixel = len(tower) * (9 * channels * channels + channels * norm)  # each conv (and GroupNorm)
         self.cost = None
 
     def forward(self, features):
@@ -123,20 +123,21 @@ class RetinaNet(tv.RetinaNet):
     head: "retinanet" (torchvision's 4-conv towers, with GroupNorm as its v2 head),
         "fixed" (routing towers, all paths on) or "dynamic"; depth, tau, activation,
         coarse, gated: as in dynhead.DynamicHead. lam: lambda of Eq. 6.
+    tower_norm: whether torchvision's towers have their GroupNorm (freeanchor.py's have none).
     """
 
     def __init__(self, num_classes, backbone="resnet50", head="dynamic", depth=8, lam=0.4, tau=1.5,
                  activation="proposed", coarse=False, gated=("depth", "scale"), pretrained_backbone=True,
-                 min_size=800, max_size=1333, channels=256):
+                 min_size=800, max_size=1333, channels=256, tower_norm=True):
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
         anchors = tv._default_anchorgen()  # 3 sizes x 3 aspect ratios per location, 32..512 px over P3-P7
         # GroupNorm of 8 channels per group: 32 groups at 256 channels, as torchvision's v2 head
-        tv_head = tv.RetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes,
-                                   norm_layer=functools.partial(nn.GroupNorm, max(1, channels // 8)))
+        norm = functools.partial(nn.GroupNorm, max(1, channels // 8)) if tower_norm else None
+        tv_head = tv.RetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm)
         if head == "retinanet":
-            towers = [StaticTower(tv_head.classification_head.conv, channels),
-                      StaticTower(tv_head.regression_head.conv, channels)]
+            towers = [StaticTower(tv_head.classification_head.conv, channels, tower_norm),
+                      StaticTower(tv_head.regression_head.conv, channels, tower_norm)]
         else:
             gated = () if head == "fixed" else tuple(gated)
             towers = [DynamicHead(channels, depth, 5, gated=gated, activation=activation, tau=tau, coarse=coarse)

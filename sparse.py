@@ -887,6 +887,8 @@ def scale_paths(router, x, cv, tally):
         tally.gate_conv(router.gate_macs, cv.scale_pixels)
         sets, counts = index_masks([active[:, 0], active[:, 1]], cv)
         soft = gate.sum((2, 3))  # (B, 2): Eq. 4, not detached
+        if router.down.dense_norm:  # the authors' statistics: every pixel computed, the gate zeroes the rest
+            sets = cv.scale_sets
     else:
         sets = cv.scale_sets  # ungated (Tab. 3): every pixel that has the path
     ys = scale_convs(x, sets, paths)

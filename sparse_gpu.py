@@ -411,7 +411,9 @@ def scale_paths(router, x, geometry, tally):
     sent = []
     for i, (name, path) in enumerate(zip(("down", "up"), paths)):
         y = F.conv2d(x, path.conv.weight, path.conv.bias, padding=1, groups=x.shape[1])  # dense: cuDNN's
-        y = group_norm_masked(y, active[:, i], geometry, path.gn)
+        # the GroupNorm over the pixels the gate keeps on, or over all of them (the authors')
+        on = geometry.scale_on.expand(x.shape[0], -1, -1, -1)[:, i] if path.dense_norm else active[:, i]
+        y = group_norm_masked(y, on, geometry, path.gn)
         if gate is None:
             tally.add(path, geometry.path_pixels[i])
         else:

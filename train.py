@@ -39,7 +39,7 @@ import torchvision
 import data
 import runs
 from eval import evaluate, val_dataset
-from fcos import MODEL_KEYS, build_model
+from fcos import MODEL_KEYS, OWN_HEADS, STYLES, build_model
 
 # The paper's 1x recipe (docs/DESIGN.md §6) and a CPU-sized demo; any flag overrides either.
 RECIPES = {
@@ -54,7 +54,7 @@ RECIPES = {
 }
 RECIPE_FLAGS = {  # flag -> (help, type, nargs, choices); the defaults come from RECIPES
     "data_root": ("dataset folder (COCO layout; the synthetic set is generated once)", str, None, None),
-    "backbone": ("", str, None, ("resnet18", "resnet34", "resnet50", "resnet101")),
+    "backbone": ("", str, None, ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_b1")),
     "pretrained_backbone": ("true (torchvision's ImageNet weights), false, or a file", str, None, None),
     "channels": ("FPN and head width (paper: 256)", int, None, None),
     "depth": ("routers per branch, D (paper: 8)", int, None, None),
@@ -103,6 +103,15 @@ SWITCHES = [
            'retinanet.RetinaNet(head="fixed")'),
     Switch("Tab. 4, RetinaNet, dynamic head", ("--detector", "retinanet"), 'retinanet.RetinaNet(head="dynamic")'),
     Switch("Tab. 4, ATSS (FCOS's losses, ATSS's targets)", ("--assigner", "atss"), 'FCOS(assigner="atss")'),
+    Switch("Tab. 4, FreeAnchor, its towers (RetinaNet's, no GroupNorm)", ("--detector", "freeanchor", "--head",
+           "retinanet"), 'freeanchor.FreeAnchor(head="retinanet")'),
+    Switch("Tab. 4, FreeAnchor, dynamic head", ("--detector", "freeanchor"), 'freeanchor.FreeAnchor(head="dynamic")'),
+    Switch("Tab. 4, EfficientDet-D1, its head (separable convs, BN per level)", ("--detector", "efficientdet",
+           "--head", "efficientdet"), 'efficientdet.EfficientDet(head="efficientdet")'),
+    Switch("Tab. 4, EfficientDet-D1, dynamic head (88 channels)", ("--detector", "efficientdet"),
+           'efficientdet.EfficientDet(head="dynamic")'),
+    Switch("The authors' conventions (their released models, convert.py)", ("--style", "authors"),
+           'FCOS(style="authors")'),
 ]
 
 
@@ -118,7 +127,7 @@ def configurations():
     """Every configuration the README documents, as train.py flags: each switch, and
     each switch of the dynamic head's own options on RetinaNet as well (Tab. 4: the
     head in a detector it was not written for). The matrix test runs them all."""
-    chosen = {"--detector", "--head", "--assigner"}
+    chosen = {"--detector", "--head", "--assigner", "--style"}  # FCOS's own: not RetinaNet's
     options = [s.flags for s in SWITCHES if s.flags and not chosen & set(s.flags)]
     return [s.flags for s in SWITCHES] + [("--detector", "retinanet") + flags for flags in options]
 
@@ -133,11 +142,14 @@ def get_args(argv=None):
                                 epilog="the paper's tables, as switches:\n" + "\n".join(
                                     f"  {s.experiment}: {shlex.join(s.flags) or 'the defaults'}" for s in SWITCHES))
     p.add_argument("--data", choices=tuple(RECIPES), default="coco", help="the recipe and dataset (default: coco)")
-    p.add_argument("--detector", choices=("fcos", "retinanet"), default="fcos",
-                   help="FCOS, or torchvision's RetinaNet with these towers (Tab. 4) (default fcos)")
-    p.add_argument("--head", choices=("fcos", "retinanet", "fixed", "dynamic"), default="dynamic",
-                   help="the towers: the detector's own 4-conv towers (fcos or retinanet, as the\n"
-                        "detector), the fixed routing towers, or the dynamic ones (default dynamic)")
+    p.add_argument("--detector", choices=tuple(OWN_HEADS), default="fcos",
+                   help="FCOS, or Tab. 4's others: torchvision's RetinaNet, FreeAnchor (RetinaNet with\n"
+                        "its loss), EfficientDet-D1 (EfficientNet-B1, BiFPN; its backbone, 88 channels\n"
+                        "and input 640 unless given) (default fcos)")
+    p.add_argument("--head", choices=tuple(dict.fromkeys(OWN_HEADS.values())) + ("fixed", "dynamic"),
+                   default="dynamic",
+                   help="the towers: the detector's own (fcos; retinanet for RetinaNet and FreeAnchor;\n"
+                        "efficientdet), the fixed routing towers, or the dynamic ones (default dynamic)")
     p.add_argument("--assigner", choices=("fcos", "atss"), default="fcos",
                    help="FCOS's targets: center sampling and size ranges, or ATSS (Tab. 4) (default fcos)")
     p.add_argument("--lam", type=float, help="lambda of Eq. 6, the budget weight (default 0.4)")
@@ -146,6 +158,13 @@ def get_args(argv=None):
                    help="the gate activation, Tab. 2 (default proposed: Eq. 3)")
     p.add_argument("--coarse", action="store_const", const=True, help="one gate per image and path (Tab. 1 "
                    "coarse-grained)")
+    p.add_argument("--style", choices=STYLES, default="torchvision",
+                   help="the model's conventions: this project's, or those of the authors' code and\n"
+                        "released models (MSRA ResNet, their locations, scale-path statistics,\n"
+                        "post-processing and resize; docs/DESIGN.md §8) (default torchvision)")
+    p.add_argument("--weights", metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (train.py's or convert.py's), with a\n"
+                        "fresh optimizer and schedule: fine-tuning; the flags give its architecture")
     p.add_argument("--gated", nargs="*", choices=("depth", "scale"),
                    help="the path types with spatial gates (Tab. 3); the others run everywhere;\n"
                         "none (--gated alone) is the fixed head (default depth scale)")
@@ -194,11 +213,16 @@ def check_switches(args, parser):
     for key in ("lam", "tau"):
         if not math.isfinite(getattr(args, key)) or getattr(args, key) < 0:
             parser.error(f"--{key} must be a number of 0 or more, got {getattr(args, key)}")
-    if args.head in ("fcos", "retinanet") and args.head != args.detector:
-        parser.error(f"--head {args.head} is the other detector's towers; {args.detector}'s own are --head "
-                     f"{args.detector}")
-    if args.assigner == "atss" and args.detector == "retinanet":
-        parser.error("--assigner atss is FCOS's; RetinaNet matches its anchors by IoU (torchvision's)")
+    if args.head in OWN_HEADS.values() and args.head != OWN_HEADS[args.detector]:
+        parser.error(f"--head {args.head} is another detector's own towers; {args.detector}'s own are --head "
+                     f"{OWN_HEADS[args.detector]}")
+    if args.assigner == "atss" and args.detector != "fcos":
+        parser.error(f"--assigner atss is FCOS's; --detector {args.detector} matches its anchors by IoU")
+    if args.style == "authors" and args.detector != "fcos":
+        parser.error("--style authors is the conventions of the authors' FCOS (their released models); "
+                     f"--detector {args.detector} has none")
+    if args.weights and not os.path.isfile(args.weights):
+        parser.error(f"--weights {args.weights}: no such file; pass a checkpoint of train.py or convert.py")
 
 
 def apply_recipe(args, parser):
@@ -206,7 +230,16 @@ def apply_recipe(args, parser):
     the others, and scale the recipe's lr and schedule for another --ims-per-batch
     by the linear rule (Goyal et al., 2017; FCOS's advice for fewer GPUs): lr x k,
     iterations / k."""
-    recipe = RECIPES[args.data]
+    recipe = dict(RECIPES[args.data])
+    if args.detector == "efficientdet":  # D1: its backbone and width; input 640 in the 1x recipe
+        recipe.update(backbone="efficientnet_b1", channels=88)
+        if args.data == "coco":
+            recipe.update(min_size=640, max_size=640)
+    elif args.backbone == "efficientnet_b1":
+        parser.error(f"--backbone efficientnet_b1 is EfficientDet's; --detector {args.detector} takes a ResNet")
+    if args.detector == "efficientdet" and args.backbone not in (None, "efficientnet_b1"):
+        parser.error(f"--detector efficientdet is EfficientDet-D1: its backbone is efficientnet_b1, "
+                     f"not {args.backbone}")
     given = {key for key in recipe if getattr(args, key) is not None}
     for key, value in recipe.items():
         if key not in given:
@@ -226,13 +259,14 @@ def apply_recipe(args, parser):
     if args.max_size < args.min_size:
         parser.error(f"--max-size {args.max_size} is below --min-size {args.min_size}: the longer side is capped "
                      f"below the shorter one; pass a --max-size of at least {args.min_size}")
-    # the towers' GroupNorms have 32 groups; in training each needs 2 values at least on P7,
-    # the smallest map (stride 128: ceil(min_size / 128) pixels on the shorter side, fewer
-    # only where --max-size caps a very long image)
-    if args.channels % 32 or args.channels // 32 * math.ceil(args.min_size / 128) ** 2 < 2:
-        parser.error(f"--channels {args.channels} with --min-size {args.min_size}: the head's GroupNorms of 32 "
-                     f"groups need a multiple of 32 channels and 2 values per group on P7's map; use "
-                     f"--channels 64 or more (a multiple of 32), or --min-size above 128")
+    # the towers' GroupNorms have 32 groups (EfficientDet's: 8 channels each); in training
+    # each needs 2 values at least on P7, the smallest map (stride 128: ceil(min_size / 128)
+    # pixels on the shorter side, fewer only where --max-size caps a very long image)
+    groups = args.channels // 8 if args.detector == "efficientdet" else 32
+    if args.channels % groups or args.channels // groups * math.ceil(args.min_size / 128) ** 2 < 2:
+        parser.error(f"--channels {args.channels} with --min-size {args.min_size}: the head's GroupNorms of "
+                     f"{groups} groups need a multiple of {groups} channels and 2 values per group on P7's map; "
+                     f"use --channels 64 or more (a multiple of 32; EfficientDet: of 8), or --min-size above 128")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
     k = args.ims_per_batch / recipe["ims_per_batch"]
@@ -281,6 +315,7 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, args, 
 
 
 def check_same_model(saved, args):
+    saved = {"style": "torchvision", **saved}  # a checkpoint from before the switch has this project's
     keys = MODEL_KEYS + ("data", "optimizer")
     differ = {k: (saved.get(k), vars(args)[k]) for k in keys if saved.get(k) != vars(args)[k]}
     if differ:
@@ -448,12 +483,58 @@ def backbone_weights(args):
     return state
 
 
+# the arguments that fix the model's tensors and what they compute: --weights must match them
+ARCHITECTURE = ("detector", "backbone", "head", "depth", "tau", "activation", "coarse", "gated", "channels", "style")
+
+
+def start_weights(args, run):
+    """--weights: the model state of a checkpoint, checked against this run: the
+    same architecture and classes (lambda, sizes, the assigner and the recipe may
+    differ: they are what fine-tuning changes)."""
+    checkpoint = runs.read_checkpoint(args.weights)
+    saved = {"style": "torchvision", **checkpoint["args"]}
+    ignored = ("tau", "activation", "coarse", "gated") if args.head != "dynamic" else ()  # no gates: unused
+    ignored += ("depth",) if args.head in ("fcos", "retinanet") else ()  # 4-conv towers
+    differ = [k for k in ARCHITECTURE if k not in ignored and saved.get(k) != vars(args)[k]]
+    if differ:
+        flag = lambda k, v: (f"--{k}" if v else f"no --{k}") if isinstance(v, bool) else \
+            f"--{k} {' '.join(v) if isinstance(v, list) else v}"
+        raise runs.RunError(f"--weights {args.weights} holds another model: " + ", ".join(
+            f"{flag(k, saved.get(k))} (this run: {vars(args)[k]})" for k in differ) + "; pass its flags")
+    runs.check_classes(checkpoint, args.weights, run.train_set, "the training set")
+    return checkpoint["model"]
+
+
+def backbone_of(state, args):
+    """The ResNet weights within a model state, as torchvision names them (its
+    classifier, which the detector does not use, from a fresh ResNet): they build
+    the backbone as ImageNet weights would (frozen BatchNorm, stem and stage 1
+    frozen) without a download."""
+    prefix = "backbone.body."
+    resnet = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    fc = getattr(torchvision.models, args.backbone)(weights=None).fc.state_dict()
+    return {**{f"fc.{k}": v for k, v in fc.items()}, **resnet}
+
+
 def build(args, run):
     """The model (the same initial weights on every rank), optimizer, schedule and
     AMP scaler."""
-    weights = backbone_weights(args)
+    state = start_weights(args, run) if args.weights else None
+    if state is None:
+        weights = backbone_weights(args)
+    else:  # a ResNet as from ImageNet (BatchNorm frozen); EfficientDet freezes nothing: its own weights follow
+        weights = backbone_of(state, args) if args.pretrained_backbone is not False and \
+            args.detector != "efficientdet" else False
     torch.manual_seed(args.seed)
     model = build_model(vars(args), len(run.train_set.label_to_category), pretrained_backbone=weights).to(run.device)
+    if state is not None:
+        # BatchNorm's batch counter is kept by a trainable BatchNorm only: the one key a
+        # checkpoint of a frozen backbone lacks, or has more than a frozen one
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        wrong = [k for k in missing + unexpected if not k.endswith("num_batches_tracked")]
+        if wrong:
+            raise runs.RunError(f"--weights {args.weights} does not fit the model: {wrong[:3]} ...")
+        run.log(f"starting from the weights of {args.weights}")
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)

@@ -197,7 +197,13 @@ def tiny_root(tmp_path_factory):
 
 def test_bad_detector_combinations_are_refused(capsys):
     for flags, said in ((["--detector", "retinanet", "--assigner", "atss"], "--assigner atss is FCOS's"),
-                        (["--head", "retinanet"], "--head retinanet is the other detector's towers")):
+                        (["--head", "retinanet"], "--head retinanet is another detector's own towers"),
+                        (["--detector", "freeanchor", "--head", "efficientdet"], "freeanchor's own are --head "
+                                                                                 "retinanet"),
+                        (["--detector", "efficientdet", "--backbone", "resnet50"], "its backbone is efficientnet_b1"),
+                        (["--backbone", "efficientnet_b1"], "--backbone efficientnet_b1 is EfficientDet's"),
+                        (["--detector", "freeanchor", "--style", "authors"], "--style authors is the conventions"),
+                        (["--detector", "efficientdet", "--channels", "90"], "GroupNorms of 11 groups")):
         with pytest.raises(SystemExit):
             train.get_args(flags)
         assert said in capsys.readouterr().err

@@ -28,6 +28,14 @@ def test_dry_run_prints_every_row_with_the_papers_numbers(capsys):
     assert [line.split()[0] for line in said.splitlines() if not line.startswith(" ")] == \
         ["gated_neither", "gated_scale", "gated_depth", "gated_both"]
     assert "train.py --data coco --gated --depth 8" in said and "446.6 total" in said
+    experiments.main(["tab4", "--dry-run"])  # Tab. 4: five detectors, each without and with the head
+    said = capsys.readouterr().out
+    rows = re.findall(r"^(\w+)  \[paper: ([\d.]+) mAP", said, re.M)
+    assert rows == [("retinanet", "35.8"), ("retinanet_dynamic", "38.2"), ("freeanchor", "38.3"),
+                    ("freeanchor_dynamic", "39.0"), ("fcos_r101", "41.0"), ("fcos_r101_dynamic", "42.8"),
+                    ("atss_r101", "41.2"), ("atss_r101_dynamic", "43.2"), ("efficientdet_d1", "38.2"),
+                    ("efficientdet_d1_dynamic", "38.8")]
+    assert "--detector efficientdet --lam 0.1 --depth 8 --max-iter 282000" in said
 
 
 def test_tab3_end_to_end_on_a_tiny_set_then_skipped(tmp_path, capsys, monkeypatch):

@@ -422,7 +422,8 @@ def engine_against_reference(head, device):
     return cost_s
 
 
-HEAD_KINDS = [{}, {"gated": ("depth",)}, {"gated": ("scale",)}, {"coarse": True}, {"activation": "softmax"}]
+HEAD_KINDS = [{}, {"gated": ("depth",)}, {"gated": ("scale",)}, {"coarse": True}, {"activation": "softmax"},
+              {"dense_scale_norm": True}]  # the last: the authors' scale-path statistics (fcos.py's style)
 
 
 @pytest.mark.parametrize("kw", HEAD_KINDS)
