@@ -7,7 +7,7 @@ run: how much of the gates' sparsity (§2.2.3) turns into wall-clock time and me
     python bench.py --part head --checkpoint output/model_final.pth [--images PATH ...]
     python bench.py --part conv --device cpu --dtype float32
     python bench.py --part memory --iterations 1000   # a long training run's memory (minutes)
-    python bench.py --part gpu                  # on one GPU, ~8 minutes: bench_gpu.py, bench_gpu.md
+    python bench.py --part gpu                  # on one GPU (sized for 8 minutes): bench_gpu.md
 
 Part (a), `conv`: one 3x3 256->256 conv and one depthwise 3x3 conv on a P3-sized
 map (100x168, an 800x1333 image), batch 1 and 8, masks shaped like real gates

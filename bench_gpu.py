@@ -1,6 +1,6 @@
 """
 The GPU benchmark, one prepared command for a machine with one GPU (`python
-bench.py --part gpu`, about 8 minutes on an H100), writing one markdown report as
+bench.py --part gpu`, sized for 8 minutes on an H100), writing one markdown report as
 it goes (a run cut short keeps what it measured):
 
     (a) the masked conv (sparse_gpu.py's Triton kernel, compaction included) against

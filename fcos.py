@@ -26,7 +26,7 @@ Map:
                           of its Criterion, in eval mode its PostProcess's detections
     Criterion             focal + GIoU + centerness + lambda * budget (Eq. 6)
     PostProcess           candidates, class-wise NMS, boxes mapped back
-    authors_size          the authors' test resize: their rounding
+    clip, authors_size    boxes clipped to an image; the authors' resize rounding
     build_model           the model a run's arguments describe
 """
 import math

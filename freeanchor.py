@@ -4,7 +4,7 @@ NeurIPS 2020: FreeAnchor R50 38.3 -> 39.0 mAP). FreeAnchor (Zhang et al., "FreeA
 Learning to Match Anchors for Visual Object Detection", NeurIPS 2019) is RetinaNet with
 another loss: no anchor is assigned to an object by an IoU threshold; each object keeps
 a bag of candidate anchors and the loss lets the network pick the best of them, as the
-maximum likelihood of a detection (their Eq. 7):
+maximum likelihood of a detection, as the FreeAnchor paper writes its loss:
 
     L = -alpha / |objects| * sum_i log MeanMax(X_i)                      (recall)
         + (1 - alpha) / (n |objects|) * sum_j,k FL_(p_jk (1 - P+_jk))     (precision)
@@ -46,12 +46,12 @@ EPS = 1e-12
 
 
 def mean_max(x):
-    """Mean-max over the last dimension (their Eq. 6): sum x / (1 - x) over sum
+    """Mean-max over the last dimension (FreeAnchor's): sum x / (1 - x) over sum
     1 / (1 - x). A weighted mean whose weights grow with x, so it lies between the
     mean (all x small) and the max (one x near 1); one element gives itself. Early
     in training, when every confidence is low, it is the mean and every anchor of
     the bag learns; later it is the max and the best anchor takes the object.
-    x is clamped below 1 - EPS so that the weights stay finite."""
+    1 - x is kept at EPS at least so that the weights stay finite."""
     w = 1 / (1 - x).clamp_min(EPS)
     return (w * x).sum(-1) / w.sum(-1)
 

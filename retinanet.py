@@ -69,8 +69,8 @@ def build_backbone(name, pretrained, channels):
 
 
 class StaticTower(nn.Module):
-    """A tower of torchvision's (4 x conv, GroupNorm, ReLU) run level by level, with
-    its cost in the form DynamicHead reports it (it computes every pixel)."""
+    """A tower of torchvision's (4 x conv, GroupNorm if `norm`, ReLU) run level by
+    level, with its cost in the form DynamicHead reports it (it computes every pixel)."""
 
     def __init__(self, tower, channels, norm=True):
         super().__init__()

@@ -77,8 +77,9 @@ DENSE_ABOVE = {
 BLOCK_NORM = {"cpu": True, "cuda": False}
 BLOCK_ROWS = 64
 MIN_PIXELS = 64  # a lone map with fewer pixels per image runs dense: nothing to gain
-# The devices whose dynamic head runs sparse_gpu.py's static-shape engine: on a GPU a
-# host sync per router phase and a launch per small op cost more than its dense passes
+# The devices whose dynamic head runs sparse_gpu.py's static-shape engine: there a step
+# must not wait for the device (torch.compile, CUDA graphs); its speed on a GPU is
+# bench.py --part gpu's to measure
 STATIC = {"cuda"}
 # A chunk of pixels holds at most CHUNK_BYTES of working memory (CPU: one GEMM of
 # 4-9 thousand rows runs 10-20% faster than two of half as many; CUDA: few large

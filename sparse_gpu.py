@@ -31,7 +31,7 @@ formulas); each has a plain PyTorch implementation with the same static shapes
 for the CPU, which the tests hold the Triton kernels against (run on the CPU by
 Triton's interpreter, TRITON_INTERPRET=1) and on which a training step of the
 head compiles on any machine. Without Triton (or on the CPU) nothing here is
-needed: sparse.py runs the head as before.
+needed: sparse.py runs the head.
 
 Map:
     compact                    a mask -> (index, count) on the device, static shapes

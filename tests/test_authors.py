@@ -427,3 +427,18 @@ def test_bench_times_the_head_on_a_checkpoints_own_gates(demo_checkpoint, capsys
         fixed = root / "fixed"
         assert train.main(demo_checkpoint[1][:-1] + [str(fixed), "--head", "fixed", "--max-iter", "1"]) == 0
         bench.main(["--part", "head", "--checkpoint", str(fixed / "model_final.pth")])
+
+
+def test_eval_at_another_input_size(demo_checkpoint, tmp_path):
+    # eval.py --min-size / --max-size: the checkpoint's model at another input size (Tab. 4
+    # counts EfficientDet's FLOPs at 600x600); the FLOPs follow the size
+    root, _ = demo_checkpoint
+    final = str(root / "run" / "model_final.pth")
+    totals = []
+    for extra in ([], ["--min-size", "32", "--max-size", "48"]):
+        out = tmp_path / ("small" if extra else "default")
+        assert evaluation.main(["--checkpoint", final, "--workers", "0", "--output-dir", str(out)] + extra) == 0
+        totals.append(json.loads((out / "eval_results.json").read_text())["total_gflops_avg"])
+    model, _ = evaluation.load_model(final, sizes={"min_size": 32, "max_size": 48})
+    assert (model.min_size, model.max_size) == (32, 48)
+    assert totals[1] < 0.5 * totals[0]  # 32x48 (padded 32x64) against 64x96

@@ -1,7 +1,8 @@
 """Every configuration the README documents through every entry point, in fp32 and
 under bf16 autocast (forced on, whatever the CPU): a training step with backward,
-a resume, the final evaluation with the FLOPs columns, eval.py with --visualize,
-eval.py --images, and inference under autocast. The configurations come from
+a resume, fine-tuning from its checkpoint (--weights), the final evaluation with the
+FLOPs columns, eval.py with --visualize, eval.py --images, and inference under
+autocast. The configurations come from
 train.configurations(), the list that the README's switches table and --help are
 made from: a new detector or switch joins this test by being added there.
 
@@ -76,6 +77,11 @@ def test_every_configuration_through_every_entry_point(tiny_root, tmp_path, flag
     for results in (first, json.loads((out / "eval_results.json").read_text())):
         assert results["head_gflops_min"] <= results["head_gflops_avg"] <= results["head_gflops_max"]
         assert 0 < results["head_gflops_avg"] < results["total_gflops_avg"] and 0 <= results["AP"] <= 1
+    # train.py --weights: fine-tuning from it, a fresh schedule on its weights
+    tuned = tmp_path / "tuned"
+    assert train.main(tiny(flags) + PRECISIONS[precision] + ["--data-root", tiny_root, "--output-dir", str(tuned),
+                                                             "--weights", str(final), "--max-iter", "1"]) == 0
+    assert torch.load(tuned / "model_final.pth", map_location="cpu", weights_only=True)["iteration"] == 1
     # eval.py: the model rebuilt from the checkpoint, evaluated, and drawn
     shown = tmp_path / "eval"
     assert evaluation.main(["--checkpoint", str(final), "--workers", "0", "--visualize", "1",
